@@ -1,0 +1,153 @@
+"""pyvirtiofsd: the command line daemon, a drop-in for virtiofsd.
+
+Accepts the reference daemon's common options (and the few virtme-ng and libvirt pass), listens
+on the socket, serves one frontend connection and exits when it disconnects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+
+from . import __version__
+from .device import VirtioFsDevice
+from .passthrough import PassthroughFs
+from .virtqueue import ORDERING_IS_SAFE
+from .vhost_user.backend import VhostUserBackend
+
+log = logging.getLogger("pyvirtiofsd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyvirtiofsd",
+        description="virtiofs daemon (vhost-user-fs backend) serving a host directory")
+    p.add_argument("--socket-path", help="vhost-user Unix socket to listen on")
+    p.add_argument("--fd", type=int, help="listen on this already bound socket fd instead")
+    p.add_argument("--shared-dir", "-o", dest="shared_dir", help="directory to share")
+    p.add_argument("--cache", choices=["never", "auto", "always", "metadata"], default="auto",
+                   help="guest caching of entries, attributes and data (default auto)")
+    p.add_argument("--readonly", action="store_true", help="refuse every write with EROFS")
+    p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve extended attributes (default on)")
+    p.add_argument("--log-level", default="info",
+                   choices=["error", "warn", "warning", "info", "debug", "off"])
+    p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
+    p.add_argument("--thread-pool-size", type=int, default=0, help="accepted for compatibility")
+    p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="none",
+                   help="accepted for compatibility; only 'none' is implemented")
+    p.add_argument("--seccomp", choices=["kill", "log", "trap", "none"], default="none",
+                   help="accepted for compatibility; only 'none' is implemented")
+    p.add_argument("--announce-submounts", action="store_true", help="accepted, ignored")
+    p.add_argument("--no-announce-submounts", action="store_true", help="accepted, ignored")
+    p.add_argument("--tag", help="not offered: QEMU 7.1-8.0 crash on the CONFIG feature")
+    p.add_argument("--version", "-V", action="store_true", help="print the version and exit")
+    return p
+
+
+def _setup_logging(level: str, use_syslog: bool) -> None:
+    if level == "off":
+        logging.disable(logging.CRITICAL)
+        return
+    lvl = {"warn": "WARNING"}.get(level, level.upper())
+    if use_syslog:
+        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "[%(asctime)s %(levelname)s %(threadName)s] %(message)s"))
+    logging.basicConfig(level=lvl, handlers=[handler], force=True)
+
+
+def _listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        # A stale socket from an earlier run would make bind fail.
+        try:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.connect(path)
+            probe.close()
+            raise SystemExit(f"pyvirtiofsd: {path} is in use by another process")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"pyvirtiofsd {__version__}")
+        return 0
+    if not args.shared_dir:
+        print("pyvirtiofsd: --shared-dir is required", file=sys.stderr)
+        return 2
+    if args.shared_dir.startswith("source="):  # C virtiofsd's -o source=DIR
+        args.shared_dir = args.shared_dir[len("source="):]
+    if not args.socket_path and args.fd is None:
+        print("pyvirtiofsd: --socket-path or --fd is required", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level, args.syslog)
+    if not ORDERING_IS_SAFE:
+        log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
+        return 1
+    if args.sandbox != "none" or args.seccomp != "none":
+        log.warning("sandbox=%s seccomp=%s requested but not implemented; running without",
+                    args.sandbox, args.seccomp)
+    try:
+        fs = PassthroughFs(args.shared_dir, cache=args.cache, readonly=args.readonly,
+                           xattr=args.xattr)
+    except (OSError, ValueError) as e:
+        print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
+        return 1
+
+    pid_path = None
+    if args.fd is not None:
+        listener = socket.socket(fileno=args.fd)
+    else:
+        listener = _listen(args.socket_path)
+        pid_path = args.socket_path + ".pid"
+        with open(pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        log.info("waiting for a vhost-user frontend on %s", args.socket_path or f"fd {args.fd}")
+        conn, _ = listener.accept()
+        listener.close()
+        if args.socket_path:
+            _unlink_quietly(args.socket_path)
+        log.info("frontend connected")
+        backend = VhostUserBackend(VirtioFsDevice(fs))
+        backend.serve(conn)
+    except SystemExit:
+        log.info("stopping on signal")
+    finally:
+        if pid_path:
+            _unlink_quietly(pid_path)
+        if args.socket_path:
+            _unlink_quietly(args.socket_path)
+    return 0
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

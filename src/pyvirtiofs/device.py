@@ -1,0 +1,25 @@
+"""The virtio-fs device: queue 0 is the high-priority queue (FORGET, BATCH_FORGET, INTERRUPT),
+queues 1..N carry requests.  Every queue is served by the same FUSE server; each has its own
+worker thread (see :mod:`pyvirtiofs.queue_worker`), so hiprio never waits behind requests."""
+
+from __future__ import annotations
+
+from .filesystem import FileSystem
+from .fuse.server import FuseServer
+
+HIPRIO_QUEUE = 0
+
+
+class VirtioFsDevice:
+    def __init__(self, fs: FileSystem, num_request_queues: int = 1024):
+        # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
+        # num-request-queues property asks for and leaves the rest untouched.
+        self.fs = fs
+        self.server = FuseServer(fs)
+        self.num_queues = 1 + num_request_queues
+
+    def queue_handler(self, index: int):
+        return self.server.handle
+
+    def reset(self) -> None:
+        self.server.reset()

@@ -1,0 +1,252 @@
+"""The file system API the FUSE server calls.
+
+Inode based and synchronous, in the spirit of pyfuse3's ``Operations``: methods run in the
+daemon's worker threads, take inode numbers (the FUSE node ids) and names as ``bytes``, and
+report failure by raising :class:`FsError` with an errno.  A method left unimplemented answers
+the guest ENOSYS (the guest kernel then stops asking).
+
+Lookup counts: every method that returns an :class:`Entry` (lookup, mknod, mkdir, symlink, link,
+create, and each entry of readdirplus) hands the guest one reference to that inode; the guest
+gives references back through :meth:`FileSystem.forget`.  An inode must stay valid until its
+count drops to zero.  The root inode (``ROOT_INODE``) is never forgotten.
+
+Attributes are any object with ``os.stat_result``'s ``st_*`` names (``os.stat_result`` itself, or
+:class:`Attr`).  ``st_ino`` is what the guest sees as the inode number; it need not equal the node id.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Iterable
+
+ROOT_INODE = 1
+
+
+class FsError(Exception):
+    """A file system error that becomes an errno reply to the guest."""
+
+    def __init__(self, errno_: int, message: str | None = None):
+        super().__init__(errno_, message or os.strerror(errno_))
+        self.errno = errno_
+
+
+@dataclass
+class Context:
+    """Who asks: the credentials of the guest process behind a request."""
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0
+
+
+@dataclass
+class Attr:
+    """Attributes for file systems that do not have an ``os.stat_result`` at hand."""
+    st_ino: int = 0
+    st_mode: int = 0
+    st_nlink: int = 1
+    st_uid: int = 0
+    st_gid: int = 0
+    st_rdev: int = 0
+    st_size: int = 0
+    st_blocks: int = 0
+    st_blksize: int = 4096
+    st_atime_ns: int = 0
+    st_mtime_ns: int = 0
+    st_ctime_ns: int = 0
+
+
+@dataclass
+class Entry:
+    """The answer to a lookup: a node id, its attributes and how long the guest may cache them."""
+    inode: int
+    attr: object
+    generation: int = 0
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+
+
+@dataclass
+class DirEntry:
+    """One directory entry; ``offset`` is the cookie that continues the listing *after* it."""
+    name: bytes
+    ino: int
+    type: int  # DT_* value
+    offset: int
+
+
+@dataclass
+class SetattrRequest:
+    """The fields a SETATTR changes; ``None`` means leave as is."""
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None   # UTIME_NOW is expressed as `atime_now`
+    mtime_ns: int | None = None
+    atime_now: bool = False
+    mtime_now: bool = False
+    kill_suidgid: bool = False
+
+
+@dataclass
+class OpenResult:
+    fh: int
+    direct_io: bool = False
+    keep_cache: bool = False
+    cache_dir: bool = False
+
+
+@dataclass
+class Capabilities:
+    """What a file system supports beyond the basic operations (the server negotiates it)."""
+    posix_locks: bool = False
+    flock_locks: bool = False
+    writeback_cache: bool = False
+    posix_acl: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class FileSystem:
+    """Base class; override what your file system supports."""
+
+    capabilities = Capabilities()
+
+    def init(self) -> None:
+        """The guest mounted (FUSE_INIT).  May be called again after a guest reboot."""
+
+    def destroy(self) -> None:
+        """The guest unmounted or the device was reset: drop every inode and handle."""
+
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        """Drop nlookup references.  Must not raise for unknown inodes."""
+
+    def getattr(self, inode: int, fh: int | None, ctx: Context) -> tuple[object, float]:
+        raise FsError(errno.ENOSYS)
+
+    def setattr(self, inode: int, fh: int | None, req: SetattrRequest,
+                ctx: Context) -> tuple[object, float]:
+        raise FsError(errno.ENOSYS)
+
+    def readlink(self, inode: int, ctx: Context) -> bytes:
+        raise FsError(errno.ENOSYS)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+               ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def link(self, inode: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
+        raise FsError(errno.ENOSYS)
+
+    def open(self, inode: int, flags: int, ctx: Context) -> OpenResult:
+        raise FsError(errno.ENOSYS)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               ctx: Context) -> tuple[Entry, OpenResult]:
+        raise FsError(errno.ENOSYS)
+
+    def read(self, inode: int, fh: int, offset: int, size: int) -> bytes:
+        raise FsError(errno.ENOSYS)
+
+    def read_into(self, inode: int, fh: int, offset: int, buffers: list[memoryview]) -> int:
+        """Read into guest memory directly; the default copies what :meth:`read` returns."""
+        data = memoryview(self.read(inode, fh, offset, sum(len(b) for b in buffers)))
+        pos = 0
+        for b in buffers:
+            k = min(len(b), len(data) - pos)
+            b[:k] = data[pos:pos + k]
+            pos += k
+            if pos == len(data):
+                break
+        return pos
+
+    def write(self, inode: int, fh: int, offset: int, data: bytes, ctx: Context) -> int:
+        raise FsError(errno.ENOSYS)
+
+    def write_from(self, inode: int, fh: int, offset: int, buffers: list[memoryview],
+                   kill_priv: bool, ctx: Context) -> int:
+        """Write from guest memory directly; the default joins the buffers for :meth:`write`."""
+        return self.write(inode, fh, offset, b"".join(buffers), ctx)
+
+    def flush(self, inode: int, fh: int, lock_owner: int) -> None:
+        pass
+
+    def release(self, inode: int, fh: int) -> None:
+        pass
+
+    def fsync(self, inode: int, fh: int, datasync: bool) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def opendir(self, inode: int, ctx: Context) -> OpenResult:
+        return OpenResult(fh=0)
+
+    def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
+        """Entries after cookie ``offset`` (0 = from the start), lazily; the server stops
+        pulling when the guest's buffer is full and asks again from the last cookie it used."""
+        raise FsError(errno.ENOSYS)
+
+    def releasedir(self, inode: int, fh: int) -> None:
+        pass
+
+    def fsyncdir(self, inode: int, fh: int, datasync: bool) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def statfs(self, inode: int) -> os.statvfs_result:
+        raise FsError(errno.ENOSYS)
+
+    def access(self, inode: int, mask: int, ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def getxattr(self, inode: int, name: bytes, ctx: Context) -> bytes:
+        raise FsError(errno.ENOSYS)
+
+    def listxattr(self, inode: int, ctx: Context) -> list[bytes]:
+        raise FsError(errno.ENOSYS)
+
+    def removexattr(self, inode: int, name: bytes, ctx: Context) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
+        raise FsError(errno.ENOSYS)
+
+    def copy_file_range(self, inode_in: int, fh_in: int, off_in: int, inode_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int) -> int:
+        raise FsError(errno.ENOSYS)
+
+    def syncfs(self, inode: int) -> None:
+        raise FsError(errno.ENOSYS)
+
+    # Locks (only called when capabilities say so).
+    def getlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
+              pid: int) -> tuple[int, int, int, int]:
+        raise FsError(errno.ENOSYS)
+
+    def setlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
+              pid: int, wait: bool, flock: bool) -> None:
+        raise FsError(errno.ENOSYS)

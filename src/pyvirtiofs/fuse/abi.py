@@ -1,0 +1,168 @@
+"""The FUSE wire format (include/uapi/linux/fuse.h), little-endian as virtio-fs guests send it.
+
+Only layouts and numbers live here; :mod:`pyvirtiofs.fuse.server` gives them meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+KERNEL_VERSION = 7
+KERNEL_MINOR_VERSION = 38  # what we reply; Linux 6.1 sends 7.38
+MIN_MINOR_VERSION = 27     # oldest guest protocol we serve (as virtiofsd)
+ROOT_ID = 1
+
+
+class Opcode(enum.IntEnum):
+    LOOKUP = 1
+    FORGET = 2
+    GETATTR = 3
+    SETATTR = 4
+    READLINK = 5
+    SYMLINK = 6
+    MKNOD = 8
+    MKDIR = 9
+    UNLINK = 10
+    RMDIR = 11
+    RENAME = 12
+    LINK = 13
+    OPEN = 14
+    READ = 15
+    WRITE = 16
+    STATFS = 17
+    RELEASE = 18
+    FSYNC = 20
+    SETXATTR = 21
+    GETXATTR = 22
+    LISTXATTR = 23
+    REMOVEXATTR = 24
+    FLUSH = 25
+    INIT = 26
+    OPENDIR = 27
+    READDIR = 28
+    RELEASEDIR = 29
+    FSYNCDIR = 30
+    GETLK = 31
+    SETLK = 32
+    SETLKW = 33
+    ACCESS = 34
+    CREATE = 35
+    INTERRUPT = 36
+    BMAP = 37
+    DESTROY = 38
+    IOCTL = 39
+    POLL = 40
+    NOTIFY_REPLY = 41
+    BATCH_FORGET = 42
+    FALLOCATE = 43
+    READDIRPLUS = 44
+    RENAME2 = 45
+    LSEEK = 46
+    COPY_FILE_RANGE = 47
+    SETUPMAPPING = 48
+    REMOVEMAPPING = 49
+    SYNCFS = 50
+    TMPFILE = 51
+    STATX = 52
+
+
+# INIT flags (flags | flags2 << 32)
+ASYNC_READ = 1 << 0
+POSIX_LOCKS = 1 << 1
+ATOMIC_O_TRUNC = 1 << 3
+EXPORT_SUPPORT = 1 << 4
+BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+FLOCK_LOCKS = 1 << 10
+HAS_IOCTL_DIR = 1 << 11
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+ASYNC_DIO = 1 << 15
+WRITEBACK_CACHE = 1 << 16
+PARALLEL_DIROPS = 1 << 18
+HANDLE_KILLPRIV = 1 << 19
+POSIX_ACL = 1 << 20
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+SUBMOUNTS = 1 << 27
+HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
+INIT_EXT = 1 << 30
+
+# open reply flags
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+# setattr valid bits
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+GETATTR_FH = 1
+FSYNC_FDATASYNC = 1
+WRITE_KILL_SUIDGID = 1 << 2
+LK_FLOCK = 1
+RELEASE_FLOCK_UNLOCK = 1 << 1
+
+# Structures.  Sizes are asserted below against the header's.
+IN_HEADER = struct.Struct("<IIQQIIIHH")          # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("<IiQ")               # len error unique
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")        # fuse_attr
+ENTRY_OUT_HEAD = struct.Struct("<QQQQII")        # nodeid generation entry_valid attr_valid nsecs
+ATTR_OUT_HEAD = struct.Struct("<QII")            # attr_valid attr_valid_nsec dummy
+INIT_IN = struct.Struct("<IIII")                 # major minor max_readahead flags (+flags2 at 16)
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")      # ... max_pages map_alignment flags2 unused[7]
+OPEN_IN = struct.Struct("<II")                   # flags open_flags
+OPEN_OUT = struct.Struct("<QII")                 # fh open_flags padding
+CREATE_IN = struct.Struct("<IIII")               # flags mode umask open_flags
+MKNOD_IN = struct.Struct("<IIII")                # mode rdev umask padding
+MKDIR_IN = struct.Struct("<II")                  # mode umask
+RENAME_IN = struct.Struct("<Q")                  # newdir
+RENAME2_IN = struct.Struct("<QII")               # newdir flags padding
+LINK_IN = struct.Struct("<Q")                    # oldnodeid
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # valid pad fh size lock_owner a m c ns... mode u4 uid gid u5
+GETATTR_IN = struct.Struct("<IIQ")               # getattr_flags dummy fh
+READ_IN = struct.Struct("<QQIIQII")              # fh offset size read_flags lock_owner flags pad
+WRITE_IN = READ_IN                               # fh offset size write_flags lock_owner flags pad
+WRITE_OUT = struct.Struct("<II")
+RELEASE_IN = struct.Struct("<QIIQ")              # fh flags release_flags lock_owner
+FLUSH_IN = struct.Struct("<QIIQ")                # fh unused padding lock_owner
+FSYNC_IN = struct.Struct("<QII")                 # fh fsync_flags padding
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+KSTATFS = struct.Struct("<QQQQQIII28x")          # blocks bfree bavail files ffree bsize namelen frsize pad spare
+SETXATTR_IN = struct.Struct("<II")               # size flags
+SETXATTR_IN_EXT = struct.Struct("<IIII")         # size flags setxattr_flags padding
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+ACCESS_IN = struct.Struct("<II")
+INTERRUPT_IN = struct.Struct("<Q")
+DIRENT_HEAD = struct.Struct("<QQII")             # ino off namelen type
+FALLOCATE_IN = struct.Struct("<QQQII")           # fh offset length mode padding
+LSEEK_IN = struct.Struct("<QQII")                # fh offset whence padding
+LSEEK_OUT = struct.Struct("<Q")
+COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")   # fh_in off_in nodeid_out fh_out off_out len flags
+FILE_LOCK = struct.Struct("<QQII")               # start end type pid
+LK_IN = struct.Struct("<QQQQIIII")               # fh owner lk(start end type pid) lk_flags padding
+LK_OUT = FILE_LOCK
+
+assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
+assert ENTRY_OUT_HEAD.size + ATTR.size == 128 and ATTR_OUT_HEAD.size + ATTR.size == 104
+assert INIT_OUT.size == 64 and SETATTR_IN.size == 88 and READ_IN.size == 40
+assert KSTATFS.size == 80 and LK_IN.size == 48 and COPY_FILE_RANGE_IN.size == 56
+
+ENTRY_OUT_SIZE = 128
+ATTR_OUT_SIZE = 104

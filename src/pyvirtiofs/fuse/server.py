@@ -1,0 +1,541 @@
+"""The FUSE server: decodes a request from a descriptor chain, calls the file system, encodes
+the reply into the chain's writable buffers.
+
+The guest is the remote peer.  Whatever it sends, :meth:`FuseServer.handle` returns normally:
+malformed requests get an errno reply (EINVAL, ENOSYS, ...), file system errors get theirs,
+and a bug of ours gets EIO plus a logged traceback, never a dead worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import threading
+from dataclasses import dataclass
+
+from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
+from ..virtqueue import DescriptorChain, Reader, Writer
+from . import abi
+from .abi import Opcode
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+XATTR_SIZE_MAX = 65536
+MAX_NAME = 1024  # longer than any Linux name (255) or xattr name (255), bounded to stay cheap
+_NO_REPLY = -1
+
+
+class ProtocolError(Exception):
+    """The request itself is malformed; answered with EINVAL."""
+
+
+@dataclass
+class Request:
+    opcode: int
+    unique: int
+    nodeid: int
+    ctx: Context
+
+
+def _split_nul(data: bytes, count: int) -> list[bytes]:
+    """Split ``count`` NUL-terminated strings off the front of data."""
+    out = []
+    pos = 0
+    for _ in range(count):
+        end = data.find(b"\0", pos)
+        if end < 0:
+            raise ProtocolError("name is not NUL-terminated")
+        out.append(data[pos:end])
+        pos = end + 1
+    return out
+
+
+def _check_name(name: bytes) -> bytes:
+    if not name or b"/" in name:
+        raise FsError(errno.EINVAL, "invalid name")
+    if len(name) > 255:
+        raise FsError(errno.ENAMETOOLONG)
+    return name
+
+
+def _timeout(t: float) -> tuple[int, int]:
+    if t <= 0:
+        return 0, 0
+    s = int(t)
+    return s, int((t - s) * 1e9)
+
+
+def encode_attr(a) -> bytes:
+    at, atn = divmod(a.st_atime_ns, 1_000_000_000)
+    mt, mtn = divmod(a.st_mtime_ns, 1_000_000_000)
+    ct, ctn = divmod(a.st_ctime_ns, 1_000_000_000)
+    return abi.ATTR.pack(a.st_ino & 0xFFFFFFFFFFFFFFFF, a.st_size, a.st_blocks,
+                         at & 0xFFFFFFFFFFFFFFFF, mt & 0xFFFFFFFFFFFFFFFF, ct & 0xFFFFFFFFFFFFFFFF,
+                         atn, mtn, ctn, a.st_mode, min(a.st_nlink, 0xFFFFFFFF), a.st_uid, a.st_gid,
+                         a.st_rdev & 0xFFFFFFFF, getattr(a, "st_blksize", 4096) or 4096, 0)
+
+
+def encode_entry(e: Entry) -> bytes:
+    es, ens = _timeout(e.entry_timeout)
+    as_, ans = _timeout(e.attr_timeout)
+    return abi.ENTRY_OUT_HEAD.pack(e.inode, e.generation, es, as_, ens, ans) + encode_attr(e.attr)
+
+
+def encode_attr_out(attr, timeout: float) -> bytes:
+    s, ns = _timeout(timeout)
+    return abi.ATTR_OUT_HEAD.pack(s, ns, 0) + encode_attr(attr)
+
+
+def encode_open(o: OpenResult) -> bytes:
+    flags = ((abi.FOPEN_DIRECT_IO if o.direct_io else 0) | (abi.FOPEN_KEEP_CACHE if o.keep_cache else 0)
+             | (abi.FOPEN_CACHE_DIR if o.cache_dir else 0))
+    return abi.OPEN_OUT.pack(o.fh, flags, 0)
+
+
+_EMPTY_ENTRY_HEAD = bytes(abi.ENTRY_OUT_SIZE)
+
+
+class FuseServer:
+    """Serves FUSE requests from descriptor chains to a :class:`FileSystem`."""
+
+    # What we offer in INIT, ANDed with what the guest offers.
+    BASE_FLAGS = (abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
+                  | abi.ASYNC_DIO | abi.HAS_IOCTL_DIR | abi.ATOMIC_O_TRUNC | abi.MAX_PAGES
+                  | abi.INIT_EXT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO)
+
+    def __init__(self, fs: FileSystem):
+        self.fs = fs
+        self.initialized = False
+        self.flags = 0  # negotiated
+        self.proto_minor = 0
+        self._init_lock = threading.Lock()
+        self._handlers = {}
+        for op in Opcode:
+            h = getattr(self, "_op_" + op.name.lower(), None)
+            if h is not None:
+                self._handlers[int(op)] = h
+
+    # -- entry point ----------------------------------------------------------------------
+    def handle(self, chain: DescriptorChain) -> int:
+        """Serve one request; returns the number of reply bytes written (0: no reply)."""
+        r = chain.reader()
+        w = chain.writer()
+        try:
+            hdr = r.read(abi.IN_HEADER.size)
+        except EOFError:
+            log.warning("request shorter than a FUSE header (%d bytes); dropped", r.remaining)
+            return 0
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack(hdr)
+        if length < abi.IN_HEADER.size or length - abi.IN_HEADER.size > r.remaining:
+            return self._error(w, unique, errno.EINVAL, "header len %d disagrees with chain" % length)
+        r.remaining = length - abi.IN_HEADER.size  # ignore trailing bytes past len
+        req = Request(opcode, unique, nodeid, Context(uid, gid, pid))
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            return self._error(w, unique, errno.ENOSYS)
+        if not self.initialized and opcode != Opcode.INIT:
+            return self._error(w, unique, errno.EIO, "request before INIT")
+        try:
+            n = handler(req, r, w)
+        except FsError as e:
+            return self._error(w, unique, e.errno)
+        except OSError as e:
+            return self._error(w, unique, e.errno or errno.EIO)
+        except (ProtocolError, EOFError) as e:
+            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
+        except Exception:
+            log.exception("internal error serving %s", _opname(opcode))
+            return self._error(w, unique, errno.EIO)
+        if n == _NO_REPLY:
+            return 0
+        total = abi.OUT_HEADER.size + n
+        if w.capacity < abi.OUT_HEADER.size:
+            return 0
+        w.write_at(0, abi.OUT_HEADER.pack(total, 0, unique))
+        return total
+
+    def _error(self, w: Writer, unique: int, err: int, why: str | None = None) -> int:
+        if why:
+            log.info("error reply %s: %s", errno.errorcode.get(err, err), why)
+        if w.capacity < abi.OUT_HEADER.size:
+            return 0
+        w.write_at(0, abi.OUT_HEADER.pack(abi.OUT_HEADER.size, -err, unique))
+        return abi.OUT_HEADER.size
+
+    @staticmethod
+    def _reply(w: Writer, data: bytes) -> int:
+        try:
+            w.write_at(abi.OUT_HEADER.size, data)
+        except EOFError:
+            raise FsError(errno.ERANGE, "reply does not fit the guest's buffer") from None
+        return len(data)
+
+    @staticmethod
+    def _names(r: Reader, count: int) -> list[bytes]:
+        if r.remaining > MAX_NAME * count + 16:
+            raise ProtocolError("names too long")
+        return [_check_name(n) for n in _split_nul(r.read(r.remaining), count)]
+
+    # -- session --------------------------------------------------------------------------
+    def _op_init(self, req, r, w):
+        major, minor, max_readahead, flags = abi.INIT_IN.unpack(r.read(abi.INIT_IN.size))
+        flags2 = 0
+        if r.remaining >= 4 and flags & abi.INIT_EXT:
+            flags2 = int.from_bytes(r.read(4), "little")
+        if major < abi.KERNEL_VERSION or (major == abi.KERNEL_VERSION
+                                          and minor < abi.MIN_MINOR_VERSION):
+            log.error("guest speaks FUSE %d.%d; %d.%d or newer is needed",
+                      major, minor, abi.KERNEL_VERSION, abi.MIN_MINOR_VERSION)
+            raise FsError(errno.EPROTO)
+        if major > abi.KERNEL_VERSION:
+            # The kernel will retry with our major; reply only the version.
+            return self._reply(w, abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION,
+                                                    0, 0, 0, 0, 0, 0, 0, 0, 0))
+        with self._init_lock:
+            if self.initialized:
+                self.fs.destroy()
+            want = self.BASE_FLAGS
+            caps = self.fs.capabilities
+            if caps.posix_locks:
+                want |= abi.POSIX_LOCKS
+            if caps.flock_locks:
+                want |= abi.FLOCK_LOCKS
+            if caps.writeback_cache:
+                want |= abi.WRITEBACK_CACHE
+            if caps.posix_acl:
+                want |= abi.POSIX_ACL | abi.DONT_MASK
+            guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
+            self.flags = want & guest
+            self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
+            self.fs.init()
+            self.initialized = True
+        log.info("FUSE session: guest %d.%d, negotiated flags %#x", major, minor, self.flags)
+        out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, max_readahead,
+                                self.flags & 0xFFFFFFFF, 65535, 49149, MAX_WRITE, 1,
+                                MAX_PAGES, 0, self.flags >> 32)
+        return self._reply(w, out)
+
+    def _op_destroy(self, req, r, w):
+        with self._init_lock:
+            if self.initialized:
+                self.fs.destroy()
+            self.initialized = False
+        return 0
+
+    def reset(self) -> None:
+        """The device was reset: forget the session as DESTROY would."""
+        self._op_destroy(None, None, None)
+
+    # -- names and inodes -----------------------------------------------------------------
+    def _op_lookup(self, req, r, w):
+        (name,) = self._names(r, 1)
+        return self._reply(w, encode_entry(self.fs.lookup(req.nodeid, name, req.ctx)))
+
+    def _op_forget(self, req, r, w):
+        (n,) = abi.FORGET_IN.unpack(r.read(8))
+        self.fs.forget(req.nodeid, n)
+        return _NO_REPLY
+
+    def _op_batch_forget(self, req, r, w):
+        count, _ = abi.BATCH_FORGET_IN.unpack(r.read(8))
+        if count * abi.FORGET_ONE.size > r.remaining:
+            log.warning("BATCH_FORGET claims %d entries, message holds %d; using those",
+                        count, r.remaining // abi.FORGET_ONE.size)
+            count = r.remaining // abi.FORGET_ONE.size
+        data = r.read(count * abi.FORGET_ONE.size)
+        for nodeid, n in abi.FORGET_ONE.iter_unpack(data):
+            self.fs.forget(nodeid, n)
+        return _NO_REPLY
+
+    def _op_interrupt(self, req, r, w):
+        return _NO_REPLY  # requests are not interruptible yet; the guest needs no answer
+
+    def _op_getattr(self, req, r, w):
+        flags, _, fh = abi.GETATTR_IN.unpack(r.read(abi.GETATTR_IN.size))
+        attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
+        return self._reply(w, encode_attr_out(attr, t))
+
+    def _op_setattr(self, req, r, w):
+        (valid, _, fh, size, _lo, atime, mtime, _ct, atimens, mtimens, _ctns, mode, _u4, uid, gid,
+         _u5) = abi.SETATTR_IN.unpack(r.read(abi.SETATTR_IN.size))
+        s = SetattrRequest()
+        if valid & abi.FATTR_MODE:
+            s.mode = mode
+        if valid & abi.FATTR_UID:
+            s.uid = uid
+        if valid & abi.FATTR_GID:
+            s.gid = gid
+        if valid & abi.FATTR_SIZE:
+            s.size = size
+        if valid & abi.FATTR_ATIME_NOW:
+            s.atime_now = True
+        elif valid & abi.FATTR_ATIME:
+            s.atime_ns = atime * 1_000_000_000 + atimens
+        if valid & abi.FATTR_MTIME_NOW:
+            s.mtime_now = True
+        elif valid & abi.FATTR_MTIME:
+            s.mtime_ns = mtime * 1_000_000_000 + mtimens
+        s.kill_suidgid = bool(valid & abi.FATTR_KILL_SUIDGID)
+        attr, t = self.fs.setattr(req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx)
+        return self._reply(w, encode_attr_out(attr, t))
+
+    def _op_readlink(self, req, r, w):
+        return self._reply(w, self.fs.readlink(req.nodeid, req.ctx))
+
+    def _op_symlink(self, req, r, w):
+        if r.remaining > MAX_NAME + 4096 + 2:
+            raise FsError(errno.ENAMETOOLONG)
+        name, target = _split_nul(r.read(r.remaining), 2)
+        if not target:
+            raise FsError(errno.ENOENT)
+        return self._reply(w, encode_entry(self.fs.symlink(req.nodeid, _check_name(name),
+                                                           target, req.ctx)))
+
+    def _op_mknod(self, req, r, w):
+        mode, rdev, umask, _ = abi.MKNOD_IN.unpack(r.read(abi.MKNOD_IN.size))
+        (name,) = self._names(r, 1)
+        req.ctx.umask = umask
+        return self._reply(w, encode_entry(self.fs.mknod(req.nodeid, name, mode, rdev, req.ctx)))
+
+    def _op_mkdir(self, req, r, w):
+        mode, umask = abi.MKDIR_IN.unpack(r.read(abi.MKDIR_IN.size))
+        (name,) = self._names(r, 1)
+        req.ctx.umask = umask
+        return self._reply(w, encode_entry(self.fs.mkdir(req.nodeid, name, mode, req.ctx)))
+
+    def _op_unlink(self, req, r, w):
+        (name,) = self._names(r, 1)
+        self.fs.unlink(req.nodeid, name, req.ctx)
+        return 0
+
+    def _op_rmdir(self, req, r, w):
+        (name,) = self._names(r, 1)
+        self.fs.rmdir(req.nodeid, name, req.ctx)
+        return 0
+
+    def _op_rename(self, req, r, w):
+        (newdir,) = abi.RENAME_IN.unpack(r.read(abi.RENAME_IN.size))
+        old, new = self._names(r, 2)
+        self.fs.rename(req.nodeid, old, newdir, new, 0, req.ctx)
+        return 0
+
+    def _op_rename2(self, req, r, w):
+        newdir, flags, _ = abi.RENAME2_IN.unpack(r.read(abi.RENAME2_IN.size))
+        old, new = self._names(r, 2)
+        self.fs.rename(req.nodeid, old, newdir, new, flags, req.ctx)
+        return 0
+
+    def _op_link(self, req, r, w):
+        (old,) = abi.LINK_IN.unpack(r.read(abi.LINK_IN.size))
+        (name,) = self._names(r, 1)
+        return self._reply(w, encode_entry(self.fs.link(old, req.nodeid, name, req.ctx)))
+
+    # -- files ----------------------------------------------------------------------------
+    def _op_open(self, req, r, w):
+        flags, _ = abi.OPEN_IN.unpack(r.read(abi.OPEN_IN.size))
+        return self._reply(w, encode_open(self.fs.open(req.nodeid, flags, req.ctx)))
+
+    def _op_create(self, req, r, w):
+        flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
+        (name,) = self._names(r, 1)
+        req.ctx.umask = umask
+        entry, opened = self.fs.create(req.nodeid, name, mode, flags, req.ctx)
+        return self._reply(w, encode_entry(entry) + encode_open(opened))
+
+    def _op_read(self, req, r, w):
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack(r.read(abi.READ_IN.size))
+        size = min(size, MAX_WRITE, max(w.capacity - abi.OUT_HEADER.size, 0))
+        if offset >= 1 << 63:
+            raise FsError(errno.EINVAL)
+        if size == 0:
+            return 0
+        return self.fs.read_into(req.nodeid, fh, offset, w.views_at(abi.OUT_HEADER.size, size))
+
+    def _op_write(self, req, r, w):
+        fh, offset, size, wflags, _, _, _ = abi.WRITE_IN.unpack(r.read(abi.WRITE_IN.size))
+        if size > r.remaining:
+            raise ProtocolError(f"WRITE of {size} bytes carries {r.remaining}")
+        if offset >= 1 << 63:
+            raise FsError(errno.EINVAL)
+        n = self.fs.write_from(req.nodeid, fh, offset, r.read_views(size),
+                               bool(wflags & abi.WRITE_KILL_SUIDGID), req.ctx)
+        return self._reply(w, abi.WRITE_OUT.pack(n, 0))
+
+    def _op_statfs(self, req, r, w):
+        s = self.fs.statfs(req.nodeid)
+        return self._reply(w, abi.KSTATFS.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files,
+                                               s.f_ffree, s.f_bsize, s.f_namemax, s.f_frsize))
+
+    def _op_release(self, req, r, w):
+        fh, _, rflags, owner = abi.RELEASE_IN.unpack(r.read(abi.RELEASE_IN.size))
+        if rflags & abi.RELEASE_FLOCK_UNLOCK and self.flags & abi.FLOCK_LOCKS:
+            try:
+                self.fs.setlk(req.nodeid, fh, owner, 0, 0, 2, 0, False, True)  # F_UNLCK
+            except FsError:
+                pass
+        self.fs.release(req.nodeid, fh)
+        return 0
+
+    def _op_flush(self, req, r, w):
+        fh, _, _, owner = abi.FLUSH_IN.unpack(r.read(abi.FLUSH_IN.size))
+        self.fs.flush(req.nodeid, fh, owner)
+        return 0
+
+    def _op_fsync(self, req, r, w):
+        fh, flags, _ = abi.FSYNC_IN.unpack(r.read(abi.FSYNC_IN.size))
+        self.fs.fsync(req.nodeid, fh, bool(flags & abi.FSYNC_FDATASYNC))
+        return 0
+
+    def _op_fallocate(self, req, r, w):
+        fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack(r.read(abi.FALLOCATE_IN.size))
+        self.fs.fallocate(req.nodeid, fh, mode, offset, length)
+        return 0
+
+    def _op_lseek(self, req, r, w):
+        fh, offset, whence, _ = abi.LSEEK_IN.unpack(r.read(abi.LSEEK_IN.size))
+        return self._reply(w, abi.LSEEK_OUT.pack(self.fs.lseek(req.nodeid, fh, offset, whence)))
+
+    def _op_copy_file_range(self, req, r, w):
+        fh_in, off_in, node_out, fh_out, off_out, length, flags = abi.COPY_FILE_RANGE_IN.unpack(
+            r.read(abi.COPY_FILE_RANGE_IN.size))
+        n = self.fs.copy_file_range(req.nodeid, fh_in, off_in, node_out, fh_out, off_out,
+                                    min(length, 0xFFFFFFFF), flags)
+        return self._reply(w, abi.WRITE_OUT.pack(n, 0))
+
+    # -- locks ----------------------------------------------------------------------------
+    def _op_getlk(self, req, r, w):
+        fh, owner, start, end, type_, pid, _lkflags, _ = abi.LK_IN.unpack(r.read(abi.LK_IN.size))
+        out = self.fs.getlk(req.nodeid, fh, owner, start, end, type_, pid)
+        return self._reply(w, abi.LK_OUT.pack(*out))
+
+    def _setlk(self, req, r, w, wait):
+        fh, owner, start, end, type_, pid, lkflags, _ = abi.LK_IN.unpack(r.read(abi.LK_IN.size))
+        self.fs.setlk(req.nodeid, fh, owner, start, end, type_, pid, wait,
+                      bool(lkflags & abi.LK_FLOCK))
+        return 0
+
+    def _op_setlk(self, req, r, w):
+        return self._setlk(req, r, w, False)
+
+    def _op_setlkw(self, req, r, w):
+        return self._setlk(req, r, w, True)
+
+    # -- directories ----------------------------------------------------------------------
+    def _op_opendir(self, req, r, w):
+        flags, _ = abi.OPEN_IN.unpack(r.read(abi.OPEN_IN.size))
+        return self._reply(w, encode_open(self.fs.opendir(req.nodeid, req.ctx)))
+
+    def _op_releasedir(self, req, r, w):
+        fh, _, _, _ = abi.RELEASE_IN.unpack(r.read(abi.RELEASE_IN.size))
+        self.fs.releasedir(req.nodeid, fh)
+        return 0
+
+    def _op_fsyncdir(self, req, r, w):
+        fh, flags, _ = abi.FSYNC_IN.unpack(r.read(abi.FSYNC_IN.size))
+        self.fs.fsyncdir(req.nodeid, fh, bool(flags & abi.FSYNC_FDATASYNC))
+        return 0
+
+    def _op_readdir(self, req, r, w):
+        return self._readdir(req, r, w, plus=False)
+
+    def _op_readdirplus(self, req, r, w):
+        return self._readdir(req, r, w, plus=True)
+
+    def _readdir(self, req, r, w, plus):
+        fh, offset, size, _, _, _, _ = abi.READ_IN.unpack(r.read(abi.READ_IN.size))
+        size = min(size, max(w.capacity - abi.OUT_HEADER.size, 0), MAX_WRITE)
+        parts = []
+        used = 0
+        head = abi.DIRENT_HEAD
+        fs = self.fs
+        for ent in fs.readdir(req.nodeid, fh, offset):
+            name = ent.name
+            nlen = len(name)
+            reclen = (head.size + nlen + 7) & ~7
+            full = reclen + (abi.ENTRY_OUT_SIZE if plus else 0)
+            if used + full > size:
+                break
+            if plus:
+                if name == b"." or name == b"..":
+                    parts.append(_EMPTY_ENTRY_HEAD)
+                else:
+                    try:
+                        parts.append(encode_entry(fs.lookup(req.nodeid, name, req.ctx)))
+                    except (FsError, OSError):
+                        parts.append(_EMPTY_ENTRY_HEAD)  # vanished meanwhile: a plain dirent
+            parts.append(head.pack(ent.ino, ent.offset, nlen, ent.type))
+            parts.append(name)
+            pad = reclen - head.size - nlen
+            if pad:
+                parts.append(b"\0" * pad)
+            used += full
+        if not parts:
+            return 0
+        return self._reply(w, b"".join(parts))
+
+    # -- misc -----------------------------------------------------------------------------
+    def _op_access(self, req, r, w):
+        mask, _ = abi.ACCESS_IN.unpack(r.read(abi.ACCESS_IN.size))
+        self.fs.access(req.nodeid, mask, req.ctx)
+        return 0
+
+    def _op_setxattr(self, req, r, w):
+        st = abi.SETXATTR_IN_EXT if self.flags & abi.SETXATTR_EXT else abi.SETXATTR_IN
+        fields = st.unpack(r.read(st.size))
+        size, flags = fields[0], fields[1]
+        if size > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        if size > r.remaining:
+            raise ProtocolError("xattr value longer than the request")
+        rest = r.read(r.remaining)
+        end = rest.find(b"\0")
+        if end <= 0 or len(rest) - end - 1 < size:
+            raise ProtocolError("malformed SETXATTR")
+        name, value = rest[:end], rest[end + 1:end + 1 + size]
+        self.fs.setxattr(req.nodeid, name, value, flags, req.ctx)
+        return 0
+
+    def _op_getxattr(self, req, r, w):
+        size, _ = abi.GETXATTR_IN.unpack(r.read(abi.GETXATTR_IN.size))
+        (name,) = _split_nul(r.read(min(r.remaining, MAX_NAME)), 1)
+        if not name:
+            raise FsError(errno.EINVAL)
+        value = self.fs.getxattr(req.nodeid, name, req.ctx)
+        return self._sized_reply(w, size, value)
+
+    def _op_listxattr(self, req, r, w):
+        size, _ = abi.GETXATTR_IN.unpack(r.read(abi.GETXATTR_IN.size))
+        names = self.fs.listxattr(req.nodeid, req.ctx)
+        return self._sized_reply(w, size, b"".join(n + b"\0" for n in names))
+
+    def _sized_reply(self, w, size, value: bytes):
+        if size == 0:
+            return self._reply(w, abi.GETXATTR_OUT.pack(len(value), 0))
+        if len(value) > size:
+            raise FsError(errno.ERANGE)
+        return self._reply(w, value)
+
+    def _op_removexattr(self, req, r, w):
+        (name,) = _split_nul(r.read(min(r.remaining, MAX_NAME)), 1)
+        self.fs.removexattr(req.nodeid, name, req.ctx)
+        return 0
+
+    def _op_syncfs(self, req, r, w):
+        self.fs.syncfs(req.nodeid)
+        return 0
+
+
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
+def file_type(mode: int) -> int:
+    """DT_* value for a st_mode."""
+    return stat.S_IFMT(mode) >> 12
+

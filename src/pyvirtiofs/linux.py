@@ -1,0 +1,131 @@
+"""Linux system calls the standard library does not wrap, through ctypes.
+
+Each wrapper raises OSError with the errno, like the os module does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# x86-64 system call numbers
+SYS_getdents64 = 217
+SYS_setfsuid = 122
+SYS_setfsgid = 123
+SYS_renameat2 = 316
+SYS_openat2 = 437
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return ret
+
+
+def setfsuid(uid: int) -> int:
+    """Per-thread file system uid (the raw syscall only affects the calling thread)."""
+    return _syscall(SYS_setfsuid, ctypes.c_uint(uid))
+
+
+def setfsgid(gid: int) -> int:
+    return _syscall(SYS_setfsgid, ctypes.c_uint(gid))
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
+    _check(_syscall(SYS_renameat2, olddirfd, ctypes.c_char_p(oldname), newdirfd,
+                    ctypes.c_char_p(newname), ctypes.c_uint(flags)), "renameat2")
+
+
+_fchownat = _libc.fchownat
+
+
+def fchownat_empty(fd: int, uid: int, gid: int) -> None:
+    """chown the file an O_PATH fd refers to (works on symlinks too, never follows)."""
+    _check(_fchownat(fd, b"", ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF),
+                     AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+_linkat = _libc.linkat
+
+
+def linkat_empty(fd: int, newdirfd: int, newname: bytes) -> None:
+    """Hard-link the file an O_PATH fd refers to (needs CAP_DAC_READ_SEARCH)."""
+    _check(_linkat(fd, b"", newdirfd, ctypes.c_char_p(newname), AT_EMPTY_PATH), "linkat")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_utimensat = _libc.utimensat
+
+
+def utimensat(dirfd: int, path: bytes, atime: tuple[int, int], mtime: tuple[int, int],
+              flags: int = 0) -> None:
+    """Set times; each is (sec, nsec) where nsec may be UTIME_NOW or UTIME_OMIT."""
+    ts = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
+    _check(_utimensat(dirfd, ctypes.c_char_p(path), ts, flags), "utimensat")
+
+
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _check(_fallocate(fd, mode, offset, length), "fallocate")
+
+
+_syncfs = _libc.syncfs
+
+
+def syncfs(fd: int) -> None:
+    _check(_syncfs(fd), "syncfs")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    return _check(_syscall(SYS_openat2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how))), "openat2")
+
+
+_DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the name
+
+
+def getdents64(fd: int, bufsize: int = 32768) -> list[tuple[bytes, int, int, int]]:
+    """One getdents64 call: [(name, ino, type, next_offset), ...]; empty at the end."""
+    buf = ctypes.create_string_buffer(bufsize)
+    n = _check(_syscall(SYS_getdents64, fd, buf, ctypes.c_uint(bufsize)), "getdents64")
+    raw = buf.raw[:n]
+    out = []
+    pos = 0
+    unpack = _DIRENT64.unpack_from
+    while pos < n:
+        ino, off, reclen, dtype = unpack(raw, pos)
+        name_end = raw.index(b"\0", pos + 19, pos + reclen)
+        out.append((raw[pos + 19:name_end], ino, dtype, off))
+        pos += reclen
+    return out

@@ -1,0 +1,455 @@
+"""PassthroughFs: serves a host directory tree.
+
+Inodes are O_PATH file descriptors keyed by (st_dev, st_ino), so a name is resolved once, one
+component at a time, relative to its parent's fd and with O_NOFOLLOW: the guest cannot name
+anything outside the shared directory by path tricks ('/' and '..' never reach a syscall as part
+of a path the guest controls, and symlinks are never followed on the host).  Operations that
+need a real file descriptor reopen the O_PATH fd through /proc/self/fd, which refers to the very
+inode we hold, not to a path that could have been swapped.
+
+File creation runs with the guest's uid/gid as the thread's fsuid/fsgid, so new files belong to
+the guest user and permission checks happen as that user.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import linux
+from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
+                         OpenResult, SetattrRequest)
+
+log = logging.getLogger(__name__)
+
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# Flags the guest may not pass through: creation is separate, O_DIRECT needs aligned buffers
+# the guest cannot promise for our host file, and we never want a controlling terminal.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | getattr(os, "O_PATH", 0)
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How long the guest may cache entries and attributes, and how it caches file data."""
+    name: str
+    timeout: float
+    direct_io: bool
+    keep_cache: bool
+
+    @classmethod
+    def from_name(cls, name: str) -> "CachePolicy":
+        table = {  # the reference daemon's timeouts
+            "never": cls("never", 0.0, True, False),
+            "auto": cls("auto", 1.0, False, False),
+            "always": cls("always", 86400.0, False, True),
+            "metadata": cls("metadata", 86400.0, True, False),
+        }
+        try:
+            return table[name]
+        except KeyError:
+            raise ValueError(f"unknown cache mode {name!r}; choose from {', '.join(table)}") from None
+
+
+class _Inode:
+    __slots__ = ("nodeid", "fd", "key", "refs", "is_symlink", "is_dir")
+
+    def __init__(self, nodeid, fd, key, mode):
+        self.nodeid = nodeid
+        self.fd = fd
+        self.key = key
+        self.refs = 1
+        self.is_symlink = stat.S_ISLNK(mode)
+        self.is_dir = stat.S_ISDIR(mode)
+
+
+class _Handle:
+    __slots__ = ("fd", "nodeid", "lock", "dir_offset")
+
+    def __init__(self, fd, nodeid):
+        self.fd = fd
+        self.nodeid = nodeid
+        self.lock = threading.Lock()
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+class PassthroughFs(FileSystem):
+    def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
+                 xattr: bool = True):
+        self.root = os.path.abspath(root)
+        if not os.path.isdir(self.root):
+            raise ValueError(f"shared directory {root!r} is not a directory")
+        self.cache = CachePolicy.from_name(cache)
+        self.readonly = readonly
+        self.xattr = xattr
+        self.capabilities = Capabilities()
+        self._is_root = os.geteuid() == 0
+        self._lock = threading.Lock()
+        self._inodes: dict[int, _Inode] = {}
+        self._by_key: dict[tuple[int, int], _Inode] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_nodeid = ROOT_INODE + 1
+        self._next_fh = 1
+        os.umask(0)  # the guest kernel applied its process's umask already
+        self._open_root()
+
+    def _open_root(self) -> None:
+        fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.stat(fd)
+        root = _Inode(ROOT_INODE, fd, (st.st_dev, st.st_ino), st.st_mode)
+        root.refs = 1 << 62  # never forgotten
+        self._inodes = {ROOT_INODE: root}
+        self._by_key = {root.key: root}
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _inode(self, nodeid: int) -> _Inode:
+        ino = self._inodes.get(nodeid)
+        if ino is None:
+            raise FsError(errno.EBADF, f"unknown node id {nodeid}")
+        return ino
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF, f"unknown file handle {fh}")
+        return h
+
+    def _new_handle(self, fd: int, nodeid: int) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(fd, nodeid)
+        return fh
+
+    def _entry(self, parent: _Inode, name: bytes) -> Entry:
+        """Resolve one name under parent and take a lookup reference on the result."""
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            ino = self._by_key.get(key)
+            if ino is not None:
+                ino.refs += 1
+            else:
+                ino = _Inode(self._next_nodeid, fd, key, st.st_mode)
+                self._next_nodeid += 1
+                self._inodes[ino.nodeid] = ino
+                self._by_key[key] = ino
+                fd = -1
+        if fd >= 0:
+            os.close(fd)
+        t = self.cache.timeout
+        return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise FsError(errno.EROFS)
+
+    @contextmanager
+    def _as(self, ctx: Context):
+        """Create files as the guest user: per-thread fsuid/fsgid (root daemons only)."""
+        if not self._is_root or (ctx.uid == 0 and ctx.gid == 0):
+            yield
+            return
+        linux.setfsgid(ctx.gid)
+        linux.setfsuid(ctx.uid)
+        try:
+            yield
+        finally:
+            linux.setfsuid(0)
+            linux.setfsgid(0)
+
+    # -- session --------------------------------------------------------------------------
+    def init(self) -> None:
+        log.info("serving %s (cache=%s%s)", self.root, self.cache.name,
+                 ", read-only" if self.readonly else "")
+
+    def destroy(self) -> None:
+        with self._lock:
+            handles, self._handles = self._handles, {}
+            inodes = [i for i in self._inodes.values() if i.nodeid != ROOT_INODE]
+            self._inodes = {ROOT_INODE: self._inodes[ROOT_INODE]}
+            root = self._inodes[ROOT_INODE]
+            self._by_key = {root.key: root}
+        for h in handles.values():
+            os.close(h.fd)
+        for i in inodes:
+            os.close(i.fd)
+
+    def close(self) -> None:
+        self.destroy()
+        os.close(self._inodes[ROOT_INODE].fd)
+
+    # -- names ----------------------------------------------------------------------------
+    def lookup(self, parent, name, ctx):
+        p = self._inode(parent)
+        if name == b"." or (name == b".." and parent == ROOT_INODE):
+            name = b"."  # '..' of the share's root is the root itself
+        return self._entry(p, name)
+
+    def forget(self, inode, nlookup):
+        with self._lock:
+            ino = self._inodes.get(inode)
+            if ino is None or inode == ROOT_INODE:
+                return
+            ino.refs -= nlookup
+            if ino.refs > 0:
+                return
+            del self._inodes[inode]
+            if self._by_key.get(ino.key) is ino:
+                del self._by_key[ino.key]
+        os.close(ino.fd)
+
+    def getattr(self, inode, fh, ctx):
+        fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
+        return os.stat(fd), self.cache.timeout
+
+    def setattr(self, inode, fh, req: SetattrRequest, ctx):
+        self._check_writable()
+        ino = self._inode(inode)
+        hfd = self._handle(fh).fd if fh is not None else None
+        if req.mode is not None:
+            if ino.is_symlink:
+                raise FsError(errno.EOPNOTSUPP)
+            if hfd is not None:
+                os.fchmod(hfd, stat.S_IMODE(req.mode))
+            else:
+                os.chmod(_proc(ino.fd), stat.S_IMODE(req.mode))
+        if req.uid is not None or req.gid is not None:
+            linux.fchownat_empty(ino.fd, -1 if req.uid is None else req.uid,
+                                 -1 if req.gid is None else req.gid)
+        if req.size is not None:
+            if hfd is not None:
+                os.ftruncate(hfd, req.size)
+            elif ino.is_symlink or ino.is_dir:
+                raise FsError(errno.EISDIR if ino.is_dir else errno.EINVAL)
+            else:
+                os.truncate(_proc(ino.fd), req.size)
+        if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
+            def spec(now, ns):
+                if now:
+                    return (0, linux.UTIME_NOW)
+                if ns is None:
+                    return (0, linux.UTIME_OMIT)
+                return divmod(ns, 1_000_000_000)
+            if ino.is_symlink:
+                raise FsError(errno.EOPNOTSUPP)
+            linux.utimensat(linux.AT_FDCWD, _proc(ino.fd).encode(),
+                            spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
+        return os.stat(ino.fd), self.cache.timeout
+
+    def readlink(self, inode, ctx):
+        ino = self._inode(inode)
+        if not ino.is_symlink:
+            raise FsError(errno.EINVAL)
+        return os.readlink(b"", dir_fd=ino.fd)
+
+    def symlink(self, parent, name, target, ctx):
+        self._check_writable()
+        p = self._inode(parent)
+        with self._as(ctx):
+            os.symlink(target, name, dir_fd=p.fd)
+        return self._entry(p, name)
+
+    def mknod(self, parent, name, mode, rdev, ctx):
+        self._check_writable()
+        p = self._inode(parent)
+        with self._as(ctx):
+            if stat.S_ISREG(mode):
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                                 stat.S_IMODE(mode), dir_fd=p.fd))
+            else:
+                os.mknod(name, mode, rdev, dir_fd=p.fd)
+        return self._entry(p, name)
+
+    def mkdir(self, parent, name, mode, ctx):
+        self._check_writable()
+        p = self._inode(parent)
+        with self._as(ctx):
+            os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
+        return self._entry(p, name)
+
+    def unlink(self, parent, name, ctx):
+        self._check_writable()
+        os.unlink(name, dir_fd=self._inode(parent).fd)
+
+    def rmdir(self, parent, name, ctx):
+        self._check_writable()
+        os.rmdir(name, dir_fd=self._inode(parent).fd)
+
+    def rename(self, parent, name, new_parent, new_name, flags, ctx):
+        self._check_writable()
+        p, q = self._inode(parent), self._inode(new_parent)
+        if flags:
+            linux.renameat2(p.fd, name, q.fd, new_name, flags)
+        else:
+            os.rename(name, new_name, src_dir_fd=p.fd, dst_dir_fd=q.fd)
+
+    def link(self, inode, new_parent, new_name, ctx):
+        self._check_writable()
+        ino, q = self._inode(inode), self._inode(new_parent)
+        try:
+            linux.linkat_empty(ino.fd, q.fd, new_name)
+        except PermissionError:  # no CAP_DAC_READ_SEARCH: go through the fd's magic link
+            if ino.is_symlink:
+                raise
+            os.link(_proc(ino.fd), new_name, dst_dir_fd=q.fd, follow_symlinks=True)
+        return self._entry(q, new_name)
+
+    # -- files ----------------------------------------------------------------------------
+    def _open_result(self, fh: int, is_dir: bool = False) -> OpenResult:
+        c = self.cache
+        if is_dir:
+            return OpenResult(fh, cache_dir=c.keep_cache)
+        return OpenResult(fh, direct_io=c.direct_io, keep_cache=c.keep_cache)
+
+    def open(self, inode, flags, ctx):
+        if flags & _WRITE_FLAGS:
+            self._check_writable()
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise FsError(errno.ELOOP)
+        fd = os.open(_proc(ino.fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
+        return self._open_result(self._new_handle(fd, inode))
+
+    def create(self, parent, name, mode, flags, ctx):
+        self._check_writable()
+        p = self._inode(parent)
+        flags = (flags & ~(_OPEN_STRIP & ~os.O_EXCL)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with self._as(ctx):
+            fd = os.open(name, flags, stat.S_IMODE(mode), dir_fd=p.fd)
+        try:
+            entry = self._entry(p, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._open_result(self._new_handle(fd, entry.inode))
+
+    def read_into(self, inode, fh, offset, buffers):
+        return os.preadv(self._handle(fh).fd, buffers, offset)
+
+    def read(self, inode, fh, offset, size):
+        return os.pread(self._handle(fh).fd, size, offset)
+
+    def write_from(self, inode, fh, offset, buffers, kill_priv, ctx):
+        self._check_writable()
+        if not buffers:
+            return 0
+        return os.pwritev(self._handle(fh).fd, buffers, offset)
+
+    def write(self, inode, fh, offset, data, ctx):
+        self._check_writable()
+        return os.pwrite(self._handle(fh).fd, data, offset)
+
+    def flush(self, inode, fh, lock_owner):
+        # close() semantics for the host: a dup closed drops POSIX locks held through this file.
+        os.close(os.dup(self._handle(fh).fd))
+
+    def release(self, inode, fh):
+        with self._lock:
+            h = self._handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    releasedir = release
+
+    def fsync(self, inode, fh, datasync):
+        fd = self._handle(fh).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    fsyncdir = fsync
+
+    def opendir(self, inode, ctx):
+        ino = self._inode(inode)
+        fd = os.open(_proc(ino.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._open_result(self._new_handle(fd, inode), is_dir=True)
+
+    def readdir(self, inode, fh, offset):
+        h = self._handle(fh)
+        while True:
+            with h.lock:  # the fd's position is shared; hold it only for seek + read
+                os.lseek(h.fd, offset, os.SEEK_SET)
+                batch = linux.getdents64(h.fd)
+            if not batch:
+                return
+            for name, ino, dtype, off in batch:
+                yield DirEntry(name, ino, dtype, off)
+            offset = batch[-1][3]
+
+    def statfs(self, inode):
+        return os.statvfs(self._inode(inode).fd)
+
+    def access(self, inode, mask, ctx):
+        st = os.stat(self._inode(inode).fd)
+        if mask == os.F_OK:
+            return
+        if ctx.uid == 0:
+            if mask & os.X_OK and not st.st_mode & 0o111 and not stat.S_ISDIR(st.st_mode):
+                raise FsError(errno.EACCES)
+            return
+        if ctx.uid == st.st_uid:
+            bits = st.st_mode >> 6
+        elif ctx.gid == st.st_gid:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        if mask & ~bits & 7:
+            raise FsError(errno.EACCES)
+
+    def fallocate(self, inode, fh, mode, offset, length):
+        self._check_writable()
+        linux.fallocate(self._handle(fh).fd, mode, offset, length)
+
+    def lseek(self, inode, fh, offset, whence):
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise FsError(errno.EINVAL)
+        return os.lseek(self._handle(fh).fd, offset, whence)
+
+    def copy_file_range(self, inode_in, fh_in, off_in, inode_out, fh_out, off_out, length, flags):
+        self._check_writable()
+        if flags:
+            raise FsError(errno.EINVAL)
+        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
+                                  off_in, off_out)
+
+    def syncfs(self, inode):
+        fd = os.open(_proc(self._inode(inode).fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    # -- extended attributes --------------------------------------------------------------
+    def _xattr_path(self, inode) -> str:
+        if not self.xattr:
+            raise FsError(errno.ENOSYS)
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise FsError(errno.EPERM)  # no way to address a symlink's own xattrs by fd
+        return _proc(ino.fd)
+
+    def setxattr(self, inode, name, value, flags, ctx):
+        self._check_writable()
+        os.setxattr(self._xattr_path(inode), name, value, flags)
+
+    def getxattr(self, inode, name, ctx):
+        return os.getxattr(self._xattr_path(inode), name)
+
+    def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+
+    def removexattr(self, inode, name, ctx):
+        self._check_writable()
+        os.removexattr(self._xattr_path(inode), name)

@@ -1,0 +1,90 @@
+"""One thread per started virtqueue: wait for kicks, pop chains, hand them to a request
+handler, publish the replies, and interrupt the guest once per batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from typing import Callable
+
+from .virtqueue import ChainError, DescriptorChain, QueueBroken, Virtqueue
+
+log = logging.getLogger(__name__)
+
+NOTIFY_EVERY = 32  # interrupt the guest at least this often while a batch is long
+
+
+class QueueWorker:
+    def __init__(self, vq: Virtqueue, handle: Callable[[DescriptorChain], int], name: str):
+        self.vq = vq
+        self.handle = handle
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.chain_errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the request in progress; returns when the thread has finished."""
+        os.eventfd_write(self._stop_fd, 1)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        os.close(self._stop_fd)
+
+    def _run(self) -> None:
+        vq = self.vq
+        poller = select.poll()
+        poller.register(vq.kick_fd, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        try:
+            while True:
+                self._drain()
+                if vq.broken:
+                    return
+                ready = {fd for fd, _ in poller.poll()}
+                if self._stop_fd in ready:
+                    return
+                try:
+                    os.eventfd_read(vq.kick_fd)
+                except (BlockingIOError, InterruptedError):
+                    pass
+        except QueueBroken as e:
+            self._broken(str(e))
+        except Exception as e:  # a bug of ours must not take the daemon down
+            log.exception("queue %d worker failed", vq.index)
+            self._broken(f"internal error: {e}")
+
+    def _broken(self, why: str) -> None:
+        log.error("queue %d is broken and stops until the device is reset: %s", self.vq.index, why)
+        self.vq.broken = True
+        self.vq.signal_error()
+
+    def _drain(self) -> None:
+        vq = self.vq
+        handle = self.handle
+        while True:
+            pending = 0
+            while True:
+                try:
+                    chain = vq.pop()
+                except ChainError as e:
+                    self.chain_errors += 1
+                    if self.chain_errors <= 10:
+                        log.warning("dropped a malformed request: %s", e)
+                    pending += 1
+                    continue
+                if chain is None:
+                    break
+                n = handle(chain)
+                vq.add_used(chain.head, n)
+                pending += 1
+                if pending >= NOTIFY_EVERY:
+                    vq.notify()
+                    pending = 0
+            if pending:
+                vq.notify()
+            if not vq.enable_notification():
+                return

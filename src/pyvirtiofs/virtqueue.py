@@ -1,0 +1,344 @@
+"""Split virtqueues (virtio 1.x, section 2.7), the device side.
+
+The driver (the guest) owns the descriptor table and the avail ring; the device (us) owns the
+used ring.  Everything read from guest memory is untrusted: a chain that points outside guest
+memory, loops, mixes the order of readable and writable buffers or nests indirect tables is a
+:class:`ChainError` (the request is returned with no reply), and a ring that cannot be trusted
+at all (avail index jumping further than the queue size, head index out of range) is
+:class:`QueueBroken` (the queue stops and the frontend is told through the error eventfd).
+
+Memory ordering.  The driver and the device run concurrently on other CPUs.  We rely on:
+  * single 16/32-bit loads and stores: ring indices are read and written through memoryview
+    casts to 'H'/'I', which CPython performs as one aligned C load/store, so a concurrently
+    updated index is never seen torn;
+  * x86-64's TSO model, which keeps loads in order with loads and stores with stores: reading
+    avail.idx before the ring entries, and writing a used element before used.idx, need no
+    fence there (virtio's rmb/wmb are compiler barriers only on x86, and a CPython bytecode
+    boundary is a compiler barrier);
+  * one explicit full fence (:func:`full_fence`) where x86 *can* reorder, a store followed by
+    a load: publishing used.idx then reading used_event / avail.flags, and publishing
+    avail_event then re-reading avail.idx.  A LOCK-prefixed instruction is a full fence on
+    x86; acquiring an uncontended CPython lock executes one (an atomic compare-exchange).
+On weakly ordered CPUs (arm64) the first two points would need real fences; the daemon refuses
+to start there rather than corrupt rings silently (see :data:`ORDERING_IS_SAFE`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import struct
+import threading
+
+from .guest_memory import GuestMemory, GuestMemoryError
+
+ORDERING_IS_SAFE = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+MAX_QUEUE_SIZE = 32768
+
+_DESC = struct.Struct("<QIHH")
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier (see the module docstring)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class ChainError(Exception):
+    """One descriptor chain is malformed; the queue itself is still usable."""
+
+
+class QueueBroken(Exception):
+    """The ring can no longer be trusted; the queue must stop until the device is reset."""
+
+
+class Reader:
+    """Sequential reads from the device-readable part of a chain."""
+
+    __slots__ = ("views", "_i", "_pos", "remaining")
+
+    def __init__(self, views: list[memoryview]):
+        self.views = views
+        self._i = 0
+        self._pos = 0
+        self.remaining = sum(len(v) for v in views)
+
+    def read(self, n: int) -> bytes:
+        """Copy the next n bytes out of guest memory; raises EOFError if the chain is shorter."""
+        if n > self.remaining:
+            raise EOFError(f"request needs {n} more bytes, chain has {self.remaining}")
+        self.remaining -= n
+        v = self.views[self._i] if self._i < len(self.views) else None
+        if v is not None and self._pos + n <= len(v):
+            out = bytes(v[self._pos:self._pos + n])
+            self._pos += n
+            if self._pos == len(v):
+                self._i += 1
+                self._pos = 0
+            return out
+        return b"".join(self._take(n))
+
+    def read_views(self, n: int) -> list[memoryview]:
+        """The next n bytes as views into guest memory (no copy)."""
+        if n > self.remaining:
+            raise EOFError(f"request needs {n} more bytes, chain has {self.remaining}")
+        self.remaining -= n
+        return self._take(n)
+
+    def _take(self, n: int) -> list[memoryview]:
+        out = []
+        while n:
+            v = self.views[self._i]
+            k = min(n, len(v) - self._pos)
+            out.append(v[self._pos:self._pos + k])
+            self._pos += k
+            n -= k
+            if self._pos == len(v):
+                self._i += 1
+                self._pos = 0
+        return out
+
+
+class Writer:
+    """Writes into the device-writable part of a chain, at explicit offsets."""
+
+    __slots__ = ("views", "capacity")
+
+    def __init__(self, views: list[memoryview]):
+        self.views = views
+        self.capacity = sum(len(v) for v in views)
+
+    def views_at(self, offset: int, n: int) -> list[memoryview]:
+        """Views of [offset, offset+n) of the writable space (clipped to its capacity)."""
+        out = []
+        end = min(offset + n, self.capacity)
+        pos = 0
+        for v in self.views:
+            lv = len(v)
+            if pos + lv > offset:
+                s = max(offset - pos, 0)
+                e = min(end - pos, lv)
+                if e > s:
+                    out.append(v if (s == 0 and e == lv) else v[s:e])
+                if pos + lv >= end:
+                    break
+            pos += lv
+        return out
+
+    def write_at(self, offset: int, data) -> int:
+        """Copy data in at offset; returns the end offset.  Raises EOFError if it does not fit."""
+        n = len(data)
+        if offset + n > self.capacity:
+            raise EOFError(f"reply of {offset + n} bytes does not fit in {self.capacity}")
+        first = self.views[0] if self.views else None
+        if first is not None and offset + n <= len(first):
+            first[offset:offset + n] = data
+            return offset + n
+        mv = memoryview(data).cast("B")
+        p = 0
+        for v in self.views_at(offset, n):
+            k = len(v)
+            v[:] = mv[p:p + k]
+            p += k
+        return offset + n
+
+
+class DescriptorChain:
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    def reader(self) -> Reader:
+        return Reader(self.readable)
+
+    def writer(self) -> Writer:
+        return Writer(self.writable)
+
+
+class Virtqueue:
+    """Device-side state of one split virtqueue."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.size = 0
+        self.memory: GuestMemory | None = None
+        self.desc_addr = self.avail_addr = self.used_addr = 0  # guest-physical
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used: int | None = None
+        self.event_idx = False
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.enabled = False
+        self.broken = False
+        self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._lock = threading.Lock()
+
+    # -- set-up ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._desc is not None
+
+    def configure(self, memory: GuestMemory, desc_addr: int, avail_addr: int,
+                  used_addr: int) -> None:
+        """Map the three ring parts; raises GuestMemoryError if they are not in guest memory."""
+        n = self.size
+        if not n or n & (n - 1) or n > MAX_QUEUE_SIZE:
+            raise GuestMemoryError(f"queue {self.index}: invalid size {n}")
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise GuestMemoryError(f"queue {self.index}: misaligned ring addresses")
+        desc = memory.view(desc_addr, 16 * n)
+        avail = memory.view(avail_addr, 6 + 2 * n)
+        used = memory.view(used_addr, 6 + 8 * n)
+        self.memory = memory
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        self._desc = desc
+        self._avail16 = avail.cast("H")
+        self._used16 = used.cast("H")
+        self._used32 = used[:4 + 8 * n].cast("I")
+        # Like libvhost-user: the used index is whatever the ring says (it survives reconnects).
+        self.next_used = self._used16[1]
+        self.signalled_used = None
+        self.broken = False
+
+    def remap(self, memory: GuestMemory) -> None:
+        """Re-resolve the ring after the memory table changed."""
+        if self.ready:
+            used = self.next_used
+            self.configure(memory, self.desc_addr, self.avail_addr, self.used_addr)
+            self.next_used = used
+
+    def reset(self) -> None:
+        self._desc = self._avail16 = self._used16 = self._used32 = None
+        self.memory = None
+        self.next_avail = self.next_used = 0
+        self.signalled_used = None
+        self.enabled = False
+        self.broken = False
+
+    # -- driver -> device -----------------------------------------------------------------
+    def avail_count(self) -> int:
+        """Number of chains the driver has published that we have not popped."""
+        n = (self._avail16[1] - self.next_avail) & 0xFFFF
+        if n > self.size:
+            raise QueueBroken(
+                f"queue {self.index}: avail index moved by {n}, more than the queue size {self.size}")
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available chain.  Raises ChainError (chain is returned unused
+        automatically) or QueueBroken."""
+        if self.avail_count() == 0:
+            return None
+        head = self._avail16[2 + (self.next_avail % self.size)]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        if head >= self.size:
+            raise QueueBroken(f"queue {self.index}: head descriptor {head} >= queue size {self.size}")
+        try:
+            readable, writable = self._walk(head)
+        except ChainError as e:
+            self.add_used(head, 0)
+            raise ChainError(f"queue {self.index}, chain {head}: {e}") from None
+        return DescriptorChain(head, readable, writable)
+
+    def _walk(self, head: int):
+        memory = self.memory
+        table, count = self._desc, self.size
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        seen = 0
+        indirect = False
+        while True:
+            seen += 1
+            if seen > count:
+                raise ChainError("descriptor chain loops or is longer than its table")
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise ChainError("indirect descriptor inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise ChainError("descriptor has both INDIRECT and NEXT")
+                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+                    raise ChainError(f"indirect table of {length} bytes")
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from None
+                count = length // 16
+                indirect = True
+                i = 0
+                seen = 0
+                continue
+            if length:
+                try:
+                    views = memory.slices(addr, length)
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from None
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.extend(views)
+                elif writable:
+                    raise ChainError("device-readable descriptor after a device-writable one")
+                else:
+                    readable.extend(views)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return readable, writable
+            i = nxt
+            if i >= count:
+                raise ChainError(f"next descriptor {i} outside its table of {count}")
+
+    def enable_notification(self) -> bool:
+        """Ask the driver to kick for chains after the ones popped so far.  Returns True if
+        chains arrived meanwhile (the caller must keep popping instead of sleeping)."""
+        if self.event_idx:
+            self._used16[2 + 4 * self.size] = self.next_avail
+        full_fence()
+        return self.avail_count() > 0
+
+    # -- device -> driver -----------------------------------------------------------------
+    def add_used(self, head: int, length: int) -> None:
+        with self._lock:
+            slot = self.next_used % self.size
+            self._used32[1 + 2 * slot] = head
+            self._used32[2 + 2 * slot] = length
+            self.next_used = (self.next_used + 1) & 0xFFFF
+            self._used16[1] = self.next_used  # stores stay in order on x86 (TSO)
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for the used entries added since the last one."""
+        full_fence()
+        with self._lock:
+            new = self.next_used
+            if not self.event_idx:
+                return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
+            old = self.signalled_used
+            self.signalled_used = new
+            if old is None:
+                return True
+            event = self._avail16[2 + self.size]
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def notify(self) -> None:
+        """Signal the call eventfd if the driver wants to hear about new used entries."""
+        if self.call_fd is not None and self.needs_notification():
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError:
+                pass
+
+    def signal_error(self) -> None:
+        if self.err_fd is not None:
+            try:
+                os.eventfd_write(self.err_fd, 1)
+            except OSError:
+                pass
