@@ -1,0 +1,28 @@
+#!/bin/bash
+# Set-up on a fresh Debian 12 machine: the apt packages a real guest needs, and a virtualenv
+# (.venv) with the pinned test dependencies and pyvirtiofs installed in editable mode.
+# Idempotent: does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx cpio || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: need root to install ${need[*]} (apt-get)" >&2; exit 1
+  fi
+  echo "setup: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ] || [ requirements-test.txt -nt .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e . 2>/dev/null \
+    || .venv/bin/pip install -q --disable-pip-version-check -e .
+  touch .venv/.installed
+fi

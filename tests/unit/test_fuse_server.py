@@ -1,0 +1,193 @@
+"""The FUSE server against PassthroughFs, in-process: decoding, encoding, and malformed input."""
+
+import errno
+import os
+import struct
+
+import pytest
+
+from pyvirtiofs.filesystem import FileSystem
+from pyvirtiofs.fuse import abi
+from pyvirtiofs.fuse.abi import Opcode
+from pyvirtiofs.fuse.server import FuseServer
+from pyvirtiofs.passthrough import PassthroughFs
+
+from .fuse_direct import DirectClient
+
+
+@pytest.fixture
+def share(tmp_path):
+    d = tmp_path / "share"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def client(share):
+    fs = PassthroughFs(str(share), cache="auto")
+    c = DirectClient(FuseServer(fs))
+    c.init()
+    yield c
+    fs.close()
+
+
+def lookup(c, name, parent=1):
+    r = c.call(Opcode.LOOKUP, parent, name + b"\0")
+    if r.error:
+        return r.errno, None
+    nodeid = struct.unpack_from("<Q", r.body)[0]
+    attr = abi.ATTR.unpack_from(r.body, 40)
+    return nodeid, attr
+
+
+def test_init_negotiates_large_requests(share):
+    c = DirectClient(FuseServer(PassthroughFs(str(share))))
+    r = c.init()
+    major, minor, readahead, flags, maxbg, cong, max_write, gran, max_pages, _, flags2 = \
+        abi.INIT_OUT.unpack(r.body)
+    assert (major, minor) == (7, 38)
+    assert max_write == 1 << 20 and max_pages == 256
+    assert flags & abi.MAX_PAGES and flags & abi.INIT_EXT
+    assert not flags & abi.WRITEBACK_CACHE  # not asked for
+    assert flags & ~0x7BFFFFFB == 0  # never more than the guest offered
+
+
+def test_requests_before_init_are_refused(share):
+    c = DirectClient(FuseServer(PassthroughFs(str(share))))
+    assert c.call(Opcode.GETATTR, 1, bytes(16)).errno == errno.EIO
+
+
+def test_old_guest_protocol_is_refused(share):
+    c = DirectClient(FuseServer(PassthroughFs(str(share))))
+    r = c.call(Opcode.INIT, 0, struct.pack("<IIII", 7, 20, 0, 0))
+    assert r.errno == errno.EPROTO
+
+
+def test_lookup_create_write_read(client, share):
+    body = struct.pack("<IIII", os.O_RDWR, 0o100644, 0o022, 0) + b"f\0"
+    r = client.call(Opcode.CREATE, 1, body)
+    assert r.error == 0
+    nodeid = struct.unpack_from("<Q", r.body)[0]
+    fh = struct.unpack_from("<Q", r.body, 128)[0]
+    data = os.urandom(10000)
+    w = client.call(Opcode.WRITE, nodeid, struct.pack("<QQIIQII", fh, 0, len(data), 0, 0, 0, 0) + data)
+    assert w.error == 0 and struct.unpack_from("<I", w.body)[0] == len(data)
+    assert (share / "f").read_bytes() == data
+    rd = client.call(Opcode.READ, nodeid, struct.pack("<QQIIQII", fh, 100, 5000, 0, 0, 0, 0))
+    assert rd.body == data[100:5100]
+    n2, attr = lookup(client, b"f")
+    assert n2 == nodeid and attr[1] == len(data)
+
+
+def test_read_is_split_across_guest_buffers(client, share):
+    (share / "g").write_bytes(bytes(range(256)) * 64)
+    nodeid, _ = lookup(client, b"g")
+    fh = struct.unpack_from("<Q", client.call(Opcode.OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0)).body)[0]
+    hdr = struct.pack("<IIQQIIIHH", 80, Opcode.READ, 9, nodeid, 0, 0, 0, 0, 0)
+    out = client.raw([hdr, struct.pack("<QQIIQII", fh, 0, 8192, 0, 0, 0, 0)],
+                     writable_split=[16, 100, 4000, 4092])
+    assert struct.unpack_from("<I", out)[0] == 16 + 8192
+    assert out[16:] == (bytes(range(256)) * 64)[:8192]
+
+
+def test_unknown_and_unimplemented_opcodes_get_enosys(client):
+    assert client.call(999, 1).errno == errno.ENOSYS
+    assert client.call(Opcode.BMAP, 1, bytes(16)).errno == errno.ENOSYS
+
+
+def test_unimplemented_operations_of_a_custom_fs_get_enosys(share):
+    c = DirectClient(FuseServer(FileSystem()))
+    c.init()
+    assert c.call(Opcode.LOOKUP, 1, b"x\0").errno == errno.ENOSYS
+
+
+@pytest.mark.parametrize("hdr_len", [0, 39, 40 + 3, 1 << 31])
+def test_header_len_disagreeing_with_chain_is_einval(client, hdr_len):
+    r = client.call(Opcode.LOOKUP, 1, b"x\0", hdr_len=hdr_len)
+    if hdr_len == 40 + 3:  # shorter than the body: the name is cut, so not NUL-terminated
+        assert r.errno == errno.EINVAL
+    else:
+        assert r.errno == errno.EINVAL
+
+
+def test_short_header_gets_no_reply_and_no_crash(client):
+    assert client.raw([b"\x01\x02\x03"]) == b""
+
+
+@pytest.mark.parametrize("name", [b"a/b", b"", b"/", b"x" * 300])
+def test_bad_names_are_refused(client, name):
+    r = client.call(Opcode.MKDIR, 1, struct.pack("<II", 0o755, 0) + name + b"\0")
+    assert r.errno in (errno.EINVAL, errno.ENAMETOOLONG)
+
+
+def test_name_without_nul_is_einval(client):
+    assert client.call(Opcode.LOOKUP, 1, b"abc").errno == errno.EINVAL
+
+
+def test_dotdot_at_root_stays_at_root(client):
+    nodeid, _ = lookup(client, b"..")
+    assert nodeid == 1
+
+
+def test_unknown_nodeid_and_fh(client):
+    assert client.call(Opcode.GETATTR, 12345, bytes(16)).errno == errno.EBADF
+    assert client.call(Opcode.READ, 1, struct.pack("<QQIIQII", 777, 0, 10, 0, 0, 0, 0)).errno == errno.EBADF
+
+
+def test_batch_forget_with_lying_count_is_harmless(client, share):
+    (share / "x").write_text("x")
+    nodeid, _ = lookup(client, b"x")
+    body = struct.pack("<II", 1000, 0) + struct.pack("<QQ", nodeid, 1)
+    assert client.call(Opcode.BATCH_FORGET, 0, body) is None  # no reply
+    assert client.call(Opcode.GETATTR, nodeid, bytes(16)).errno == errno.EBADF
+
+
+def test_huge_xattr_value_is_refused_without_allocating(client):
+    body = struct.pack("<II", 1 << 30, 0) + b"user.x\0" + b"v"
+    assert client.call(Opcode.SETXATTR, 1, body).errno == errno.E2BIG
+
+
+def test_readdirplus_lists_everything_across_calls(client, share):
+    names = {f"n{i:04d}".encode() for i in range(300)}
+    for n in names:
+        (share / n.decode()).write_bytes(b"")
+    fh = struct.unpack_from("<Q", client.call(Opcode.OPENDIR, 1, struct.pack("<II", 0, 0)).body)[0]
+    seen, offset = [], 0
+    while True:
+        r = client.call(Opcode.READDIRPLUS, 1, struct.pack("<QQIIQII", fh, offset, 4096, 0, 0, 0, 0))
+        assert r.error == 0
+        if not r.body:
+            break
+        pos = 0
+        while pos < len(r.body):
+            nodeid = struct.unpack_from("<Q", r.body, pos)[0]
+            ino, off, namelen, typ = struct.unpack_from("<QQII", r.body, pos + 128)
+            name = r.body[pos + 152:pos + 152 + namelen]
+            if name in (b".", b".."):
+                assert nodeid == 0  # the kernel takes no reference for these
+            else:
+                assert nodeid > 1
+            seen.append(name)
+            offset = off
+            pos += 128 + ((24 + namelen + 7) & ~7)
+    assert sorted(seen) == sorted(names | {b".", b".."})
+
+
+def test_getxattr_size_probe_and_erange(client, share):
+    f = share / "x"
+    f.write_text("x")
+    os.setxattr(f, "user.k", b"value")
+    nodeid, _ = lookup(client, b"x")
+    r = client.call(Opcode.GETXATTR, nodeid, struct.pack("<II", 0, 0) + b"user.k\0")
+    assert struct.unpack_from("<I", r.body)[0] == 5
+    assert client.call(Opcode.GETXATTR, nodeid, struct.pack("<II", 2, 0) + b"user.k\0").errno == errno.ERANGE
+    assert client.call(Opcode.GETXATTR, nodeid, struct.pack("<II", 64, 0) + b"user.k\0").body == b"value"
+    assert client.call(Opcode.GETXATTR, nodeid, struct.pack("<II", 64, 0) + b"user.no\0").errno == errno.ENODATA
+
+
+def test_reply_that_does_not_fit_is_erange_not_overflow(client):
+    # a LOOKUP reply (144 bytes) into a 20-byte writable buffer
+    client.unique += 1
+    hdr = struct.pack("<IIQQIIIHH", 42, Opcode.LOOKUP, 5, 1, 0, 0, 0, 0, 0)
+    out = client.raw([hdr, b".\0"], reply_size=20)
+    assert struct.unpack_from("<Ii", out) == (16, -errno.ERANGE)

@@ -1,0 +1,91 @@
+import os
+
+import pytest
+
+from pyvirtiofs.guest_memory import GuestMemory, GuestMemoryError, MemoryRegion
+
+
+def region(gpa, size, uaddr, offset=0, fill=None):
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, offset + size)
+    if fill is not None:
+        os.pwrite(fd, fill, offset)
+    try:
+        return MemoryRegion.from_fd(fd, gpa, size, uaddr, offset)
+    finally:
+        os.close(fd)
+
+
+def test_translates_guest_physical_and_frontend_addresses():
+    mem = GuestMemory([region(0x100000, 0x10000, 0x7F0000000000, fill=b"abc"),
+                       region(0x200000, 0x10000, 0x7F0000100000)])
+    assert bytes(mem.view(0x100000, 3)) == b"abc"
+    assert mem.user_to_guest(0x7F0000100010) == 0x200010
+    with pytest.raises(GuestMemoryError):
+        mem.user_to_guest(0x7F0000010000)  # just past the first region
+
+
+def test_mmap_offset_not_page_aligned_is_honoured():
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 0x3000)
+    os.pwrite(fd, b"XYZ", 0x1010)
+    mem = GuestMemory([MemoryRegion.from_fd(fd, 0, 0x1000, 0x1000, 0x1010)])
+    os.close(fd)
+    assert bytes(mem.view(0, 3)) == b"XYZ"
+
+
+@pytest.mark.parametrize("addr,length", [
+    (0x0FFFFF, 1),            # just below
+    (0x10FFFF, 2),            # runs past the end
+    (0x110000, 1),            # just above
+    (0xFFFFFFFFFFFFFFFF, 2),  # wraps
+])
+def test_addresses_outside_memory_are_guest_errors(addr, length):
+    mem = GuestMemory([region(0x100000, 0x10000, 0)])
+    with pytest.raises(GuestMemoryError):
+        mem.slices(addr, length)
+    with pytest.raises(GuestMemoryError):
+        mem.view(addr, length)
+
+
+def test_slices_span_adjacent_regions_but_not_holes():
+    mem = GuestMemory([region(0, 0x1000, 0), region(0x1000, 0x1000, 0x10000)])
+    views = mem.slices(0xFF0, 0x20)
+    assert [len(v) for v in views] == [0x10, 0x10]
+    with pytest.raises(GuestMemoryError):
+        mem.view(0xFF0, 0x20)  # rings must be contiguous in one region
+    gap = GuestMemory([region(0, 0x1000, 0), region(0x2000, 0x1000, 0x10000)])
+    with pytest.raises(GuestMemoryError):
+        gap.slices(0xFF0, 0x20)
+
+
+def test_overlapping_regions_are_refused():
+    with pytest.raises(GuestMemoryError):
+        GuestMemory([region(0, 0x2000, 0), region(0x1000, 0x1000, 0x10000)])
+
+
+def test_region_larger_than_its_file_is_refused():
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 0x1000)
+    with pytest.raises(GuestMemoryError):
+        MemoryRegion.from_fd(fd, 0, 0x2000, 0, 0)
+    os.close(fd)
+
+
+def test_writes_through_views_reach_the_shared_file():
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 0x1000)
+    mem = GuestMemory([MemoryRegion.from_fd(fd, 0x5000, 0x1000, 0, 0)])
+    mem.view(0x5100, 4)[:] = b"data"
+    assert os.pread(fd, 4, 0x100) == b"data"
+    os.close(fd)
+
+
+def test_remove_region():
+    mem = GuestMemory([region(0, 0x1000, 0), region(0x1000, 0x1000, 0x10000)])
+    smaller, removed = mem.without_region(0x1000, 0x1000)
+    assert removed.guest_phys_addr == 0x1000
+    with pytest.raises(GuestMemoryError):
+        smaller.view(0x1000, 1)
+    with pytest.raises(GuestMemoryError):
+        smaller.without_region(0x1000, 0x1000)
