@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readonly", action="store_true", help="refuse every write with EROFS")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=True,
                    help="serve extended attributes (default on)")
+    p.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=True,
+                   help="forward POSIX record locks to the host as OFD locks (default on)")
+    p.add_argument("--flock", action=argparse.BooleanOptionalAction, default=True,
+                   help="forward flock() locks to the host (default on)")
     p.add_argument("--log-level", default="info",
                    choices=["error", "warn", "warning", "info", "debug", "off"])
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.sandbox, args.seccomp)
     try:
         fs = PassthroughFs(args.shared_dir, cache=args.cache, readonly=args.readonly,
-                           xattr=args.xattr)
+                           xattr=args.xattr, posix_locks=args.posix_lock, flock=args.flock)
     except (OSError, ValueError) as e:
         print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
         return 1

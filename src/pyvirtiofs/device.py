@@ -21,5 +21,9 @@ class VirtioFsDevice:
     def queue_handler(self, index: int):
         return self.server.handle
 
+    def cancel_pending(self, complete=None) -> None:
+        self.server.cancel_pending(complete=complete)
+
     def reset(self) -> None:
+        self.server.cancel_pending()
         self.server.reset()

@@ -21,7 +21,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import linux
+from . import linux, locks
 from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
                          OpenResult, SetattrRequest)
 
@@ -57,7 +57,7 @@ class CachePolicy:
 
 
 class _Inode:
-    __slots__ = ("nodeid", "fd", "key", "refs", "is_symlink", "is_dir")
+    __slots__ = ("nodeid", "fd", "key", "refs", "is_symlink", "is_dir", "is_regular")
 
     def __init__(self, nodeid, fd, key, mode):
         self.nodeid = nodeid
@@ -66,10 +66,11 @@ class _Inode:
         self.refs = 1
         self.is_symlink = stat.S_ISLNK(mode)
         self.is_dir = stat.S_ISDIR(mode)
+        self.is_regular = stat.S_ISREG(mode)
 
 
 class _Handle:
-    __slots__ = ("fd", "nodeid", "lock", "dir_offset")
+    __slots__ = ("fd", "nodeid", "lock")
 
     def __init__(self, fd, nodeid):
         self.fd = fd
@@ -77,21 +78,22 @@ class _Handle:
         self.lock = threading.Lock()
 
 
-def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
 
 class PassthroughFs(FileSystem):
     def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
-                 xattr: bool = True):
+                 xattr: bool = True, posix_locks: bool = True, flock: bool = True):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"shared directory {root!r} is not a directory")
         self.cache = CachePolicy.from_name(cache)
         self.readonly = readonly
         self.xattr = xattr
-        self.capabilities = Capabilities()
+        self.capabilities = Capabilities(posix_locks=posix_locks, flock_locks=flock)
+        self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
         self._is_root = os.geteuid() == 0
+        # Reopening an O_PATH fd goes through /proc/self/fd/N, relative to this directory fd,
+        # so it keeps working after a chroot into the shared directory.
+        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._inodes: dict[int, _Inode] = {}
         self._by_key: dict[tuple[int, int], _Inode] = {}
@@ -153,6 +155,10 @@ class PassthroughFs(FileSystem):
         t = self.cache.timeout
         return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
 
+    def _reopen(self, ino: _Inode, flags: int) -> int:
+        """A real fd for the inode an O_PATH fd holds (never a path the guest could swap)."""
+        return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
     def _check_writable(self) -> None:
         if self.readonly:
             raise FsError(errno.EROFS)
@@ -177,6 +183,7 @@ class PassthroughFs(FileSystem):
                  ", read-only" if self.readonly else "")
 
     def destroy(self) -> None:
+        self._locks.clear()
         with self._lock:
             handles, self._handles = self._handles, {}
             inodes = [i for i in self._inodes.values() if i.nodeid != ROOT_INODE]
@@ -191,6 +198,7 @@ class PassthroughFs(FileSystem):
     def close(self) -> None:
         self.destroy()
         os.close(self._inodes[ROOT_INODE].fd)
+        os.close(self._proc_fd)
 
     # -- names ----------------------------------------------------------------------------
     def lookup(self, parent, name, ctx):
@@ -226,7 +234,7 @@ class PassthroughFs(FileSystem):
             if hfd is not None:
                 os.fchmod(hfd, stat.S_IMODE(req.mode))
             else:
-                os.chmod(_proc(ino.fd), stat.S_IMODE(req.mode))
+                os.chmod(str(ino.fd), stat.S_IMODE(req.mode), dir_fd=self._proc_fd)
         if req.uid is not None or req.gid is not None:
             linux.fchownat_empty(ino.fd, -1 if req.uid is None else req.uid,
                                  -1 if req.gid is None else req.gid)
@@ -236,7 +244,11 @@ class PassthroughFs(FileSystem):
             elif ino.is_symlink or ino.is_dir:
                 raise FsError(errno.EISDIR if ino.is_dir else errno.EINVAL)
             else:
-                os.truncate(_proc(ino.fd), req.size)
+                fd = self._reopen(ino, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, req.size)
+                finally:
+                    os.close(fd)
         if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
             def spec(now, ns):
                 if now:
@@ -246,7 +258,7 @@ class PassthroughFs(FileSystem):
                 return divmod(ns, 1_000_000_000)
             if ino.is_symlink:
                 raise FsError(errno.EOPNOTSUPP)
-            linux.utimensat(linux.AT_FDCWD, _proc(ino.fd).encode(),
+            linux.utimensat(self._proc_fd, str(ino.fd).encode(),
                             spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
         return os.stat(ino.fd), self.cache.timeout
 
@@ -305,7 +317,8 @@ class PassthroughFs(FileSystem):
         except PermissionError:  # no CAP_DAC_READ_SEARCH: go through the fd's magic link
             if ino.is_symlink:
                 raise
-            os.link(_proc(ino.fd), new_name, dst_dir_fd=q.fd, follow_symlinks=True)
+            os.link(str(ino.fd), new_name, src_dir_fd=self._proc_fd, dst_dir_fd=q.fd,
+                    follow_symlinks=True)
         return self._entry(q, new_name)
 
     # -- files ----------------------------------------------------------------------------
@@ -319,9 +332,12 @@ class PassthroughFs(FileSystem):
         if flags & _WRITE_FLAGS:
             self._check_writable()
         ino = self._inode(inode)
-        if ino.is_symlink:
-            raise FsError(errno.ELOOP)
-        fd = os.open(_proc(ino.fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
+        if not ino.is_regular:
+            # The guest kernel opens only regular files through FUSE (devices and FIFOs are
+            # guest-local); opening a host device node or FIFO for a hostile guest would let it
+            # reach outside the share or block a worker.
+            raise FsError(errno.ELOOP if ino.is_symlink else errno.EACCES)
+        fd = self._reopen(ino, flags & ~_OPEN_STRIP)
         return self._open_result(self._new_handle(fd, inode))
 
     def create(self, parent, name, mode, flags, ctx):
@@ -354,8 +370,9 @@ class PassthroughFs(FileSystem):
         return os.pwrite(self._handle(fh).fd, data, offset)
 
     def flush(self, inode, fh, lock_owner):
-        # close() semantics for the host: a dup closed drops POSIX locks held through this file.
-        os.close(os.dup(self._handle(fh).fd))
+        # close() semantics: the guest process closed a file, which drops its POSIX locks.
+        self._handle(fh)
+        self._locks.release_owner(inode, lock_owner)
 
     def release(self, inode, fh):
         with self._lock:
@@ -373,7 +390,9 @@ class PassthroughFs(FileSystem):
 
     def opendir(self, inode, ctx):
         ino = self._inode(inode)
-        fd = os.open(_proc(ino.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not ino.is_dir:
+            raise FsError(errno.ENOTDIR)
+        fd = self._reopen(ino, os.O_RDONLY | os.O_DIRECTORY)
         return self._open_result(self._new_handle(fd, inode), is_dir=True)
 
     def readdir(self, inode, fh, offset):
@@ -425,31 +444,56 @@ class PassthroughFs(FileSystem):
                                   off_in, off_out)
 
     def syncfs(self, inode):
-        fd = os.open(_proc(self._inode(inode).fd), os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._reopen(self._inode(ROOT_INODE), os.O_RDONLY | os.O_DIRECTORY)
         try:
             linux.syncfs(fd)
         finally:
             os.close(fd)
 
+    # -- locks ----------------------------------------------------------------------------
+    def getlk(self, inode, fh, owner, start, end, type_, pid):
+        self._inode(inode)
+        return self._locks.getlk(inode, owner, start, end, type_)
+
+    def setlk(self, inode, fh, owner, start, end, type_, pid, wait, flock):
+        if flock:
+            locks.flock(self._handle(fh).fd, type_)
+        else:
+            self._inode(inode)
+            self._locks.setlk(inode, owner, start, end, type_)
+
     # -- extended attributes --------------------------------------------------------------
-    def _xattr_path(self, inode) -> str:
+    @contextmanager
+    def _xattr_fd(self, inode):
+        """xattr calls go through a real fd: O_PATH fds do not support them."""
         if not self.xattr:
             raise FsError(errno.ENOSYS)
         ino = self._inode(inode)
-        if ino.is_symlink:
-            raise FsError(errno.EPERM)  # no way to address a symlink's own xattrs by fd
-        return _proc(ino.fd)
+        if ino.is_regular or ino.is_dir:
+            fd = self._reopen(ino, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+        else:
+            # Symlinks cannot be opened, and opening device nodes or FIFOs on the host is not
+            # something a guest may cause; Linux allows no user.* xattrs on them anyway.
+            raise FsError(errno.EPERM)
 
     def setxattr(self, inode, name, value, flags, ctx):
         self._check_writable()
-        os.setxattr(self._xattr_path(inode), name, value, flags)
+        with self._xattr_fd(inode) as fd:
+            os.setxattr(fd, name, value, flags)
 
     def getxattr(self, inode, name, ctx):
-        return os.getxattr(self._xattr_path(inode), name)
+        with self._xattr_fd(inode) as fd:
+            return os.getxattr(fd, name)
 
     def listxattr(self, inode, ctx):
-        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+        with self._xattr_fd(inode) as fd:
+            return [os.fsencode(n) for n in os.listxattr(fd)]
 
     def removexattr(self, inode, name, ctx):
         self._check_writable()
-        os.removexattr(self._xattr_path(inode), name)
+        with self._xattr_fd(inode) as fd:
+            os.removexattr(fd, name)

@@ -9,6 +9,7 @@ import select
 import threading
 from typing import Callable
 
+from .fuse.server import DEFERRED
 from .virtqueue import ChainError, DescriptorChain, QueueBroken, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -17,9 +18,13 @@ NOTIFY_EVERY = 32  # interrupt the guest at least this often while a batch is lo
 
 
 class QueueWorker:
-    def __init__(self, vq: Virtqueue, handle: Callable[[DescriptorChain], int], name: str):
+    def __init__(self, vq: Virtqueue, handle: Callable[..., int], name: str,
+                 cancel_pending: Callable[..., None] | None = None):
         self.vq = vq
         self.handle = handle
+        self.cancel_pending = cancel_pending
+        self._deferred = 0  # requests answered later, from other threads
+        self._cond = threading.Condition()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.chain_errors = 0
@@ -28,11 +33,27 @@ class QueueWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the request in progress; returns when the thread has finished."""
+        """Stop after the request in progress; returns when the thread has finished and no
+        deferred reply can touch the ring any more."""
         os.eventfd_write(self._stop_fd, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        if self.cancel_pending is not None:
+            self.cancel_pending(complete=self.complete)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._deferred <= 0, timeout=10):
+                log.error("queue %d: %d deferred requests did not finish", self.vq.index,
+                          self._deferred)
         os.close(self._stop_fd)
+
+    def complete(self, head: int, length: int) -> None:
+        """Publish a reply that was deferred (called from another thread)."""
+        with self._cond:
+            if not self.vq.broken and self.vq.ready:
+                self.vq.add_used(head, length)
+                self.vq.notify()
+            self._deferred -= 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
         vq = self.vq
@@ -78,7 +99,11 @@ class QueueWorker:
                     continue
                 if chain is None:
                     break
-                n = handle(chain)
+                n = handle(chain, self.complete)
+                if n == DEFERRED:
+                    with self._cond:
+                        self._deferred += 1
+                    continue
                 vq.add_used(chain.head, n)
                 pending += 1
                 if pending >= NOTIFY_EVERY:

@@ -13,6 +13,7 @@ import logging
 import stat
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
 from ..virtqueue import DescriptorChain, Reader, Writer
@@ -26,6 +27,8 @@ MAX_PAGES = MAX_WRITE // 4096
 XATTR_SIZE_MAX = 65536
 MAX_NAME = 1024  # longer than any Linux name (255) or xattr name (255), bounded to stay cheap
 _NO_REPLY = -1
+DEFERRED = -2  # handle() result: the reply will come through the completion callback
+LOCK_RETRY_MAX = 0.05  # seconds between attempts of a waiting lock
 
 
 class ProtocolError(Exception):
@@ -38,6 +41,46 @@ class Request:
     unique: int
     nodeid: int
     ctx: Context
+    head: int = 0
+    complete: Callable[[int, int], None] | None = None
+
+
+class _LockWaiter:
+    """A SETLKW that found the lock taken: retried off the request queue until it is granted,
+    fails, or is cancelled (INTERRUPT, the owner closing the file, the queue stopping)."""
+
+    def __init__(self, server, req: Request, w: Writer, args: tuple):
+        self.server, self.req, self.w, self.args = server, req, w, args
+        self.cancelled = threading.Event()
+        self.owner = (req.nodeid, args[1])
+
+    def run(self) -> None:
+        server, req = self.server, self.req
+        delay = 0.001
+        while True:
+            if self.cancelled.wait(delay):
+                n = server._error(self.w, req.unique, errno.EINTR)
+                break
+            try:
+                server.fs.setlk(*self.args)
+            except BlockingIOError:
+                delay = min(delay * 2, LOCK_RETRY_MAX)
+                continue
+            except (FsError, OSError) as e:
+                if e.errno == errno.EAGAIN:
+                    delay = min(delay * 2, LOCK_RETRY_MAX)
+                    continue
+                n = server._error(self.w, req.unique, e.errno or errno.EIO)
+                break
+            except Exception:
+                log.exception("internal error in a waiting lock")
+                n = server._error(self.w, req.unique, errno.EIO)
+                break
+            n = server._finish(self.w, req.unique, 0)
+            break
+        with server._waiters_lock:
+            server._waiters.pop(req.unique, None)
+        req.complete(req.head, n)
 
 
 def _split_nul(data: bytes, count: int) -> list[bytes]:
@@ -112,6 +155,8 @@ class FuseServer:
         self.flags = 0  # negotiated
         self.proto_minor = 0
         self._init_lock = threading.Lock()
+        self._waiters: dict[int, _LockWaiter] = {}
+        self._waiters_lock = threading.Lock()
         self._handlers = {}
         for op in Opcode:
             h = getattr(self, "_op_" + op.name.lower(), None)
@@ -119,8 +164,10 @@ class FuseServer:
                 self._handlers[int(op)] = h
 
     # -- entry point ----------------------------------------------------------------------
-    def handle(self, chain: DescriptorChain) -> int:
-        """Serve one request; returns the number of reply bytes written (0: no reply)."""
+    def handle(self, chain: DescriptorChain,
+               complete: Callable[[int, int], None] | None = None) -> int:
+        """Serve one request; returns the number of reply bytes written (0: no reply), or
+        DEFERRED when the reply will be delivered later through ``complete(head, length)``."""
         r = chain.reader()
         w = chain.writer()
         try:
@@ -132,7 +179,7 @@ class FuseServer:
         if length < abi.IN_HEADER.size or length - abi.IN_HEADER.size > r.remaining:
             return self._error(w, unique, errno.EINVAL, "header len %d disagrees with chain" % length)
         r.remaining = length - abi.IN_HEADER.size  # ignore trailing bytes past len
-        req = Request(opcode, unique, nodeid, Context(uid, gid, pid))
+        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete)
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)
@@ -151,9 +198,15 @@ class FuseServer:
             return self._error(w, unique, errno.EIO)
         if n == _NO_REPLY:
             return 0
-        total = abi.OUT_HEADER.size + n
+        if n == DEFERRED:
+            return DEFERRED
+        return self._finish(w, unique, n)
+
+    @staticmethod
+    def _finish(w: Writer, unique: int, n: int) -> int:
         if w.capacity < abi.OUT_HEADER.size:
             return 0
+        total = abi.OUT_HEADER.size + n
         w.write_at(0, abi.OUT_HEADER.pack(total, 0, unique))
         return total
 
@@ -251,7 +304,22 @@ class FuseServer:
         return _NO_REPLY
 
     def _op_interrupt(self, req, r, w):
-        return _NO_REPLY  # requests are not interruptible yet; the guest needs no answer
+        (target,) = abi.INTERRUPT_IN.unpack(r.read(abi.INTERRUPT_IN.size))
+        with self._waiters_lock:
+            waiter = self._waiters.get(target)
+        if waiter is not None:
+            waiter.cancelled.set()  # the waiting lock answers EINTR
+        return _NO_REPLY  # only waiting locks can be interrupted; others finish soon anyway
+
+    def cancel_pending(self, complete=None, owner=None) -> None:
+        """Cancel waiting locks: those completing through ``complete`` (a queue stopping),
+        those of one (nodeid, lock owner) (the owner closed the file), or all of them."""
+        with self._waiters_lock:
+            waiters = list(self._waiters.values())
+        for wt in waiters:
+            if ((complete is None or wt.req.complete == complete)
+                    and (owner is None or wt.owner == owner)):
+                wt.cancelled.set()
 
     def _op_getattr(self, req, r, w):
         flags, _, fh = abi.GETATTR_IN.unpack(r.read(abi.GETATTR_IN.size))
@@ -381,6 +449,7 @@ class FuseServer:
 
     def _op_flush(self, req, r, w):
         fh, _, _, owner = abi.FLUSH_IN.unpack(r.read(abi.FLUSH_IN.size))
+        self.cancel_pending(owner=(req.nodeid, owner))
         self.fs.flush(req.nodeid, fh, owner)
         return 0
 
@@ -413,9 +482,25 @@ class FuseServer:
 
     def _setlk(self, req, r, w, wait):
         fh, owner, start, end, type_, pid, lkflags, _ = abi.LK_IN.unpack(r.read(abi.LK_IN.size))
-        self.fs.setlk(req.nodeid, fh, owner, start, end, type_, pid, wait,
-                      bool(lkflags & abi.LK_FLOCK))
-        return 0
+        if type_ not in (0, 1, 2):
+            raise FsError(errno.EINVAL)
+        args = (req.nodeid, fh, owner, start, end, type_, pid, False, bool(lkflags & abi.LK_FLOCK))
+        try:
+            self.fs.setlk(*args)
+            return 0
+        except OSError as e:  # BlockingIOError included
+            if not wait or e.errno != errno.EAGAIN:
+                raise
+        except FsError as e:
+            if not wait or e.errno != errno.EAGAIN:
+                raise
+        if req.complete is None:
+            raise FsError(errno.EAGAIN)  # no way to answer later: the caller retries
+        waiter = _LockWaiter(self, req, w, args)
+        with self._waiters_lock:
+            self._waiters[req.unique] = waiter
+        threading.Thread(target=waiter.run, name=f"lockwait-{req.unique}", daemon=True).start()
+        return DEFERRED
 
     def _op_setlk(self, req, r, w):
         return self._setlk(req, r, w, False)

@@ -141,7 +141,8 @@ class VhostUserBackend:
         should_run = (vq.ready and vq.kick_fd is not None and vq.enabled and not vq.broken)
         running = vq.index in self.workers
         if should_run and not running:
-            w = QueueWorker(vq, self.device.queue_handler(vq.index), f"vq{vq.index}")
+            w = QueueWorker(vq, self.device.queue_handler(vq.index), f"vq{vq.index}",
+                            getattr(self.device, "cancel_pending", None))
             self.workers[vq.index] = w
             w.start()
         elif running and not should_run:

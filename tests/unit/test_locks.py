@@ -1,0 +1,117 @@
+"""Guest locks reach the host: they exclude host processes and other guest lock owners."""
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyvirtiofs.fuse.abi import Opcode
+from pyvirtiofs.fuse.server import DEFERRED, FuseServer
+from pyvirtiofs.passthrough import PassthroughFs
+from pyvirtiofs.virtqueue import DescriptorChain
+
+from .fuse_direct import DirectClient, Reply
+
+OFFSET_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    fs = PassthroughFs(str(tmp_path))
+    c = DirectClient(FuseServer(fs))
+    c.init()
+    r = c.call(Opcode.LOOKUP, 1, b"f\0")
+    nodeid = struct.unpack_from("<Q", r.body)[0]
+    fh = struct.unpack_from("<Q", c.call(Opcode.OPEN, nodeid, struct.pack("<II", os.O_RDWR, 0)).body)[0]
+    yield c, nodeid, fh, tmp_path / "f"
+    fs.close()
+
+
+def lk(fh, owner, start, end, type_, flock=False):
+    return struct.pack("<QQQQIIII", fh, owner, start, end, type_, 0, 1 if flock else 0, 0)
+
+
+def test_guest_posix_lock_excludes_host_process(setup):
+    c, nodeid, fh, path = setup
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, 9, fcntl.F_WRLCK)).error == 0
+    probe = ("import fcntl,sys\nf=open(sys.argv[1],'r+')\n"
+             "try:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 10, 0)\n print('got')\n"
+             "except OSError:\n print('busy')\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "busy"
+    # outside the locked range the host is free
+    probe2 = probe.replace("10, 0)", "10, 50)")
+    out = subprocess.run([sys.executable, "-c", probe2, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "got"
+
+
+def test_two_guest_owners_conflict_and_getlk_reports(setup):
+    c, nodeid, fh, _ = setup
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, OFFSET_MAX, fcntl.F_WRLCK)).error == 0
+    r = c.call(Opcode.SETLK, nodeid, lk(fh, 2, 5, 5, fcntl.F_RDLCK))
+    assert r.errno == errno.EAGAIN
+    g = c.call(Opcode.GETLK, nodeid, lk(fh, 2, 5, 5, fcntl.F_RDLCK))
+    start, end, type_, pid = struct.unpack("<QQII", g.body)
+    assert (start, end, type_) == (0, OFFSET_MAX, fcntl.F_WRLCK)
+    # the same owner may relock (POSIX semantics)
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 5, 5, fcntl.F_RDLCK)).error == 0
+    # closing (FLUSH) releases owner 1's locks
+    assert c.call(Opcode.FLUSH, nodeid, struct.pack("<QIIQ", fh, 0, 0, 1)).error == 0
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 5, 5, fcntl.F_RDLCK)).error == 0
+
+
+def test_flock_is_per_open_file(setup):
+    c, nodeid, fh, path = setup
+    fh2 = struct.unpack_from("<Q", c.call(Opcode.OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0)).body)[0]
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, 0, fcntl.F_WRLCK, flock=True)).error == 0
+    assert c.call(Opcode.SETLK, nodeid, lk(fh2, 1, 0, 0, fcntl.F_WRLCK, flock=True)).errno == errno.EAGAIN
+    with open(path) as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_setlkw_waits_off_the_queue_and_is_granted(setup):
+    c, nodeid, fh, path = setup
+    host = open(path, "r+")
+    fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
+    done = threading.Event()
+    result = {}
+
+    def complete(head, n):
+        result["n"] = n
+        done.set()
+
+    writable = [memoryview(bytearray(64))]
+    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 77, nodeid, 0, 0, 1, 0, 0)
+    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    assert c.server.handle(chain, complete) == DEFERRED
+    # other requests are served meanwhile
+    assert c.call(Opcode.GETATTR, nodeid, bytes(16)).error == 0
+    assert not done.wait(0.2)
+    fcntl.lockf(host, fcntl.LOCK_UN)
+    assert done.wait(5)
+    rep = Reply(bytes(writable[0])[:result["n"]])
+    assert rep.error == 0 and rep.unique == 77
+    host.close()
+
+
+def test_setlkw_is_interruptible(setup):
+    c, nodeid, fh, path = setup
+    host = open(path, "r+")
+    fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
+    done = threading.Event()
+    writable = [memoryview(bytearray(64))]
+    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 78, nodeid, 0, 0, 1, 0, 0)
+    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    assert c.call(Opcode.INTERRUPT, 0, struct.pack("<Q", 78)) is None
+    assert done.wait(5)
+    assert Reply(bytes(writable[0])).errno == errno.EINTR
+    host.close()
