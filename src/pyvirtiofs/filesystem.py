@@ -165,6 +165,11 @@ class FileSystem:
                ctx: Context) -> tuple[Entry, OpenResult]:
         raise FsError(errno.ENOSYS)
 
+    def tmpfile(self, parent: int, mode: int, flags: int,
+                ctx: Context) -> tuple[Entry, OpenResult]:
+        """An unnamed file in directory ``parent`` (open(2) with O_TMPFILE)."""
+        raise FsError(errno.ENOSYS)
+
     def read(self, inode: int, fh: int, offset: int, size: int) -> bytes:
         raise FsError(errno.ENOSYS)
 

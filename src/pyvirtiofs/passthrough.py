@@ -133,7 +133,10 @@ class PassthroughFs(FileSystem):
 
     def _entry(self, parent: _Inode, name: bytes) -> Entry:
         """Resolve one name under parent and take a lookup reference on the result."""
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        return self._entry_from_fd(os.open(name, _PATH_FLAGS, dir_fd=parent.fd))
+
+    def _entry_from_fd(self, fd: int) -> Entry:
+        """Take a lookup reference on the inode an O_PATH fd refers to (consumes the fd)."""
         try:
             st = os.stat(fd)
         except BaseException:
@@ -348,6 +351,24 @@ class PassthroughFs(FileSystem):
             fd = os.open(name, flags, stat.S_IMODE(mode), dir_fd=p.fd)
         try:
             entry = self._entry(p, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._open_result(self._new_handle(fd, entry.inode))
+
+    def tmpfile(self, parent, mode, flags, ctx):
+        self._check_writable()
+        p = self._inode(parent)
+        if not p.is_dir:
+            raise FsError(errno.ENOTDIR)
+        flags = (flags & ~_OPEN_STRIP & ~os.O_DIRECTORY) | os.O_TMPFILE
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            flags |= os.O_RDWR
+        with self._as(ctx):
+            fd = os.open(str(p.fd), flags | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=self._proc_fd)
+        try:
+            entry = self._entry_from_fd(os.open(str(fd), os.O_PATH | os.O_CLOEXEC,
+                                                dir_fd=self._proc_fd))
         except BaseException:
             os.close(fd)
             raise

@@ -191,3 +191,16 @@ def test_reply_that_does_not_fit_is_erange_not_overflow(client):
     hdr = struct.pack("<IIQQIIIHH", 42, Opcode.LOOKUP, 5, 1, 0, 0, 0, 0, 0)
     out = client.raw([hdr, b".\0"], reply_size=20)
     assert struct.unpack_from("<Ii", out) == (16, -errno.ERANGE)
+
+
+def test_tmpfile_is_unnamed_until_linked(client, share):
+    body = struct.pack("<IIII", os.O_RDWR, 0o100600, 0, 0) + b"/\0"
+    r = client.call(Opcode.TMPFILE, 1, body)
+    assert r.error == 0, r.errno
+    nodeid = struct.unpack_from("<Q", r.body)[0]
+    fh = struct.unpack_from("<Q", r.body, 128)[0]
+    assert os.listdir(share) == []
+    w = client.call(Opcode.WRITE, nodeid, struct.pack("<QQIIQII", fh, 0, 3, 0, 0, 0, 0) + b"tmp")
+    assert w.error == 0
+    assert client.call(Opcode.LINK, 1, struct.pack("<Q", nodeid) + b"named\0").error == 0
+    assert (share / "named").read_bytes() == b"tmp"

@@ -413,6 +413,12 @@ class FuseServer:
         entry, opened = self.fs.create(req.nodeid, name, mode, flags, req.ctx)
         return self._reply(w, encode_entry(entry) + encode_open(opened))
 
+    def _op_tmpfile(self, req, r, w):
+        flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
+        req.ctx.umask = umask  # the name that follows is a placeholder ("/")
+        entry, opened = self.fs.tmpfile(req.nodeid, mode, flags, req.ctx)
+        return self._reply(w, encode_entry(entry) + encode_open(opened))
+
     def _op_read(self, req, r, w):
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack(r.read(abi.READ_IN.size))
         size = min(size, MAX_WRITE, max(w.capacity - abi.OUT_HEADER.size, 0))

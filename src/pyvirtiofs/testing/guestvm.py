@@ -304,7 +304,8 @@ def _download_kernel(pkg: str, work: Path) -> Path:
     return debs[0]
 
 
-def _load_kernel_info(kdir: Path, pkg: str) -> KernelInfo:
+def _load_kernel_info(kdir: Path) -> KernelInfo:
+    pkg = (kdir / "package").read_text().strip()
     release = (kdir / "release").read_text().strip()
     mods = tuple(l for l in (kdir / "modules.list").read_text().split() if l)
     vmlinux = kdir / "vmlinux"
@@ -318,15 +319,26 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
     """Download and unpack the guest kernel into the cache (once; safe to call concurrently)."""
     cache = cache or cache_dir()
     pkg = _kernel_package()
-    kdir = cache / f"kernel-{pkg}"
+    modkey = hashlib.sha256("\n".join(GUEST_MODULES).encode()).hexdigest()[:8]
+    kdir = cache / f"kernel-{pkg}-{modkey}"
     if (kdir / "modules.list").exists():
-        return _load_kernel_info(kdir, pkg)
+        return _load_kernel_info(kdir)
     with _locked(cache):
         if (kdir / "modules.list").exists():
-            return _load_kernel_info(kdir, pkg)
+            return _load_kernel_info(kdir)
         work = Path(tempfile.mkdtemp(dir=cache, prefix=".kernel-work-"))
         try:
-            deb = _download_kernel(pkg, work)
+            try:
+                deb = _download_kernel(pkg, work)
+            except GuestError:
+                # Offline, or the archive moved on: fall back to a kernel cached earlier.
+                older = sorted((p for p in cache.glob(f"kernel-*-{modkey}")
+                                if (p / "modules.list").exists()), key=lambda p: p.stat().st_mtime)
+                if not older:
+                    raise
+                info = _load_kernel_info(older[-1])
+                print(f"guestvm: cannot download {pkg}; using the cached {info.package}", file=sys.stderr)
+                return info
             root = work / "root"
             _run_checked(["dpkg", "-x", str(deb), str(root)], f"unpacking {deb.name}")
             releases = sorted(p.name for p in (root / "lib/modules").iterdir()) \
@@ -364,6 +376,7 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
                 else:
                     raise GuestError(f"kernel module {m} is neither in {deb.name} nor built in")
                 wanted.append(m.replace("/", "__"))
+            (out / "package").write_text(pkg + "\n")
             (out / "release").write_text(release + "\n")
             (out / "modules.list").write_text("\n".join(wanted) + "\n")
             if kdir.exists():  # leftover of an interrupted run without modules.list
@@ -371,7 +384,7 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
             os.rename(out, kdir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return _load_kernel_info(kdir, pkg)
+    return _load_kernel_info(kdir)
 
 
 # --------------------------------------------------------------------------
@@ -797,6 +810,8 @@ class DaemonProcess:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> "DaemonProcess":
+        if self.proc is not None:
+            raise RuntimeError("DaemonProcess already started")
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)  # stale socket of an earlier run
@@ -860,7 +875,7 @@ class DaemonProcess:
             self._log_file = None
 
     def __enter__(self) -> "DaemonProcess":
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
