@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from . import __version__
+from . import __version__, sandbox
 from .device import VirtioFsDevice
 from .passthrough import PassthroughFs
 from .virtqueue import ORDERING_IS_SAFE
@@ -43,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["error", "warn", "warning", "info", "debug", "off"])
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--thread-pool-size", type=int, default=0, help="accepted for compatibility")
-    p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default="none",
-                   help="accepted for compatibility; only 'none' is implemented")
+    p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default=None,
+                   help="confine the daemon to the shared directory: new namespaces + "
+                        "pivot_root, chroot, or nothing (default namespace as root, else none)")
     p.add_argument("--seccomp", choices=["kill", "log", "trap", "none"], default="none",
                    help="accepted for compatibility; only 'none' is implemented")
+    p.add_argument("--modcaps", help="adjust the kept capabilities, e.g. '-mknod,+sys_admin'")
+    p.add_argument("--rlimit-nofile", type=int, help="open-file limit (default: the hard limit)")
     p.add_argument("--announce-submounts", action="store_true", help="accepted, ignored")
     p.add_argument("--no-announce-submounts", action="store_true", help="accepted, ignored")
     p.add_argument("--tag", help="not offered: QEMU 7.1-8.0 crash on the CONFIG feature")
@@ -102,9 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     if not ORDERING_IS_SAFE:
         log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
         return 1
-    if args.sandbox != "none" or args.seccomp != "none":
-        log.warning("sandbox=%s seccomp=%s requested but not implemented; running without",
-                    args.sandbox, args.seccomp)
+    if args.sandbox is None:
+        args.sandbox = "namespace" if os.geteuid() == 0 else "none"
+    if args.seccomp != "none":
+        log.warning("--seccomp=%s is not implemented; running without a filter", args.seccomp)
+    try:
+        keep_caps = sandbox.parse_modcaps(args.modcaps)
+        sandbox.set_rlimit_nofile(args.rlimit_nofile)
+    except sandbox.SandboxError as e:
+        print(f"pyvirtiofsd: {e}", file=sys.stderr)
+        return 2
     try:
         fs = PassthroughFs(args.shared_dir, cache=args.cache, readonly=args.readonly,
                            xattr=args.xattr, posix_locks=args.posix_lock, flock=args.flock)
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
         return 1
 
-    pid_path = None
+    cleanup: list[tuple[int, str]] = []  # (dir fd, name): unlinkable after a chroot too
     if args.fd is not None:
         listener = socket.socket(fileno=args.fd)
     else:
@@ -120,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         pid_path = args.socket_path + ".pid"
         with open(pid_path, "w") as f:
             f.write(f"{os.getpid()}\n")
+        dfd = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
+                      os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        cleanup = [(dfd, os.path.basename(args.socket_path)), (dfd, os.path.basename(pid_path))]
+    try:
+        sandbox.enter(args.sandbox, args.shared_dir)
+        sandbox.drop_capabilities(keep_caps)
+    except (sandbox.SandboxError, OSError) as e:
+        print(f"pyvirtiofsd: cannot enter the sandbox: {e}", file=sys.stderr)
+        _remove(cleanup)
+        return 1
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
@@ -131,26 +151,23 @@ def main(argv: list[str] | None = None) -> int:
         log.info("waiting for a vhost-user frontend on %s", args.socket_path or f"fd {args.fd}")
         conn, _ = listener.accept()
         listener.close()
-        if args.socket_path:
-            _unlink_quietly(args.socket_path)
+        _remove(cleanup[:1])
         log.info("frontend connected")
         backend = VhostUserBackend(VirtioFsDevice(fs))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")
     finally:
-        if pid_path:
-            _unlink_quietly(pid_path)
-        if args.socket_path:
-            _unlink_quietly(args.socket_path)
+        _remove(cleanup)
     return 0
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _remove(entries: list[tuple[int, str]]) -> None:
+    for dfd, name in entries:
+        try:
+            os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Confining the daemon after it has opened what it needs (like virtiofsd's --sandbox).
+
+* ``chroot``: chroot(2) into the shared directory.  The daemon reaches files only through the
+  root fd and the /proc/self/fd directory fd it opened before, so nothing else is needed.
+* ``namespace``: new mount, network, IPC and UTS namespaces, then pivot_root(2) into the shared
+  directory with the old root detached, so not even a bug of ours can name a host path outside
+  the share; no network exists for the process.  (virtiofsd also makes a PID namespace, which
+  needs a fork; we do not, and say so in the README.)
+* ``none``: nothing (tests, or when an outer sandbox does the job).
+
+Capabilities are reduced to what a passthrough file server uses (``--modcaps`` adjusts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+SYS_pivot_root = 155
+SYS_capget = 125
+SYS_capset = 126
+PR_CAPBSET_DROP = 24
+_CAP_VERSION_3 = 0x20080522
+
+CAPS = {
+    "chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fsetid": 4, "kill": 5,
+    "setgid": 6, "setuid": 7, "setpcap": 8, "linux_immutable": 9, "net_bind_service": 10,
+    "net_broadcast": 11, "net_admin": 12, "net_raw": 13, "ipc_lock": 14, "ipc_owner": 15,
+    "sys_module": 16, "sys_rawio": 17, "sys_chroot": 18, "sys_ptrace": 19, "sys_pacct": 20,
+    "sys_admin": 21, "sys_boot": 22, "sys_nice": 23, "sys_resource": 24, "sys_time": 25,
+    "sys_tty_config": 26, "mknod": 27, "lease": 28, "audit_write": 29, "audit_control": 30,
+    "setfcap": 31, "mac_override": 32, "mac_admin": 33, "syslog": 34, "wake_alarm": 35,
+    "block_suspend": 36, "audit_read": 37, "perfmon": 38, "bpf": 39, "checkpoint_restore": 40,
+}
+# What a passthrough server needs (the same set virtiofsd keeps by default).
+DEFAULT_CAPS = {"chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod",
+                "setfcap", "dac_read_search"}
+
+
+class SandboxError(Exception):
+    pass
+
+
+def _check(ret: int, what: str) -> None:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(e)}")
+
+
+def _mount(src, target, fstype, flags, what):
+    _check(_libc.mount(src, target, fstype, ctypes.c_ulong(flags), None), what)
+
+
+def enter(mode: str, shared_dir: str) -> None:
+    """Confine the calling process (call before any worker thread starts)."""
+    if mode == "none":
+        return
+    if os.geteuid() != 0:
+        raise SandboxError(f"--sandbox={mode} needs root (use --sandbox=none)")
+    shared = os.path.realpath(shared_dir).encode()
+    if mode == "chroot":
+        os.chroot(shared)
+        os.chdir("/")
+    elif mode == "namespace":
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        # Our mounts must not propagate back to the host.
+        _mount(None, b"/", None, MS_REC | MS_PRIVATE, "make / private")
+        _mount(shared, shared, None, MS_BIND | MS_REC, "bind the shared directory")
+        os.chdir(shared)
+        # pivot_root(".", "."): the old root ends up stacked on "/", then detached.
+        _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
+        _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+        os.chdir("/")
+    else:
+        raise SandboxError(f"unknown sandbox mode {mode!r}")
+    log.info("sandbox: %s into %s", mode, shared_dir)
+
+
+def parse_modcaps(spec: str | None) -> set[str]:
+    """'+sys_admin,-mknod' adjusts the default set."""
+    caps = set(DEFAULT_CAPS)
+    for item in filter(None, (spec or "").split(",")):
+        sign, name = item[0], item[1:].lower().removeprefix("cap_")
+        if sign not in "+-" or name not in CAPS:
+            raise SandboxError(f"bad --modcaps entry {item!r}")
+        (caps.add if sign == "+" else caps.discard)(name)
+    return caps
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities(keep: set[str]) -> None:
+    """Keep only ``keep`` in the effective and permitted sets (process-wide: call before
+    threads start, as capset only affects the calling thread)."""
+    if os.geteuid() != 0:
+        return
+    mask = 0
+    for name in keep:
+        mask |= 1 << CAPS[name]
+    hdr = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        part = (mask >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = part
+        data[i].inheritable = 0
+    _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
+    log.info("capabilities kept: %s", ", ".join(sorted(keep)))
+
+
+def effective_capabilities() -> int:
+    hdr = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
+    return data[0].effective | (data[1].effective << 32)
+
+
+def set_rlimit_nofile(n: int | None) -> None:
+    """Raise (or set) the open-file limit: every looked-up inode holds an fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if n is None else n
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError) as e:
+        if n is not None:
+            raise SandboxError(f"cannot set RLIMIT_NOFILE to {n}: {e}") from None
+        log.debug("RLIMIT_NOFILE stays %d: %s", soft, e)
+
