@@ -230,7 +230,6 @@ _SINGLE_MEM_REGION = struct.Struct("<QQQQQ")  # padding, then a region
 
 # virtqueue structs
 _DESC = struct.Struct("<QIHH")               # addr, len, flags, next
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")            # id, len
 
 _fence_lock = threading.Lock()
@@ -379,29 +378,37 @@ class GuestRam:
         r, off = self.locate(gpa, n)
         r.mm[off:off + n] = bytes([byte]) * n
 
-    def read_u16(self, gpa: int) -> int:
-        r, off = self.locate(gpa, 2)
-        return _U16.unpack_from(r.mm, off)[0]
+    # Scalars go through memoryview casts: one load/store of the whole width (struct's
+    # pack_into/unpack_from copy byte by byte, so another process can see a torn value).
+    def _scalar(self, gpa: int, size: int, fmt: str):
+        r, off = self.locate(gpa, size)
+        if off % size:
+            raise ValueError(f"gpa {gpa:#x} is not {size}-byte aligned")
+        return memoryview(r.mm)[off:off + size].cast(fmt)
 
-    def write_u16(self, gpa: int, v: int) -> None:
-        r, off = self.locate(gpa, 2)
-        _U16.pack_into(r.mm, off, v & 0xFFFF)
+    def read_u16(self, gpa: int) -> int:
+        with self._scalar(gpa, 2, "H") as v:
+            return v[0]
+
+    def write_u16(self, gpa: int, val: int) -> None:
+        with self._scalar(gpa, 2, "H") as v:
+            v[0] = val & 0xFFFF
 
     def read_u32(self, gpa: int) -> int:
-        r, off = self.locate(gpa, 4)
-        return struct.unpack_from("<I", r.mm, off)[0]
+        with self._scalar(gpa, 4, "I") as v:
+            return v[0]
 
-    def write_u32(self, gpa: int, v: int) -> None:
-        r, off = self.locate(gpa, 4)
-        struct.pack_into("<I", r.mm, off, v & 0xFFFFFFFF)
+    def write_u32(self, gpa: int, val: int) -> None:
+        with self._scalar(gpa, 4, "I") as v:
+            v[0] = val & 0xFFFFFFFF
 
     def read_u64(self, gpa: int) -> int:
-        r, off = self.locate(gpa, 8)
-        return _U64.unpack_from(r.mm, off)[0]
+        with self._scalar(gpa, 8, "Q") as v:
+            return v[0]
 
-    def write_u64(self, gpa: int, v: int) -> None:
-        r, off = self.locate(gpa, 8)
-        _U64.pack_into(r.mm, off, v & 0xFFFFFFFFFFFFFFFF)
+    def write_u64(self, gpa: int, val: int) -> None:
+        with self._scalar(gpa, 8, "Q") as v:
+            v[0] = val & 0xFFFFFFFFFFFFFFFF
 
     # -- allocator --------------------------------------------------------------------
 
@@ -699,6 +706,14 @@ class SplitQueue:
         self._umm = r.mm
         self._used_event_off = self._aoff + 4 + 2 * size
         self._avail_event_off = self._uoff + 4 + 8 * size
+        # 16-bit views for every index/flag/event field: memoryview item access is a single
+        # 16-bit load or store, which the device (another process) must never see torn.
+        # avail: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+        # used:  [0] flags, [1] idx, [2 + 4 * size] avail_event
+        self._av = memoryview(self._amm)[self._aoff:self._aoff + asz].cast("H")
+        self._uv = memoryview(self._umm)[self._uoff:self._uoff + usz].cast("H")
+        self._ue_i = 2 + size          # used_event index in _av
+        self._ae_i = 2 + 4 * size      # avail_event index in _uv
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         self.kick_fd = os.eventfd(0, flags)
         self.call_fd = os.eventfd(0, flags)
@@ -750,30 +765,30 @@ class SplitQueue:
         self._free.extend(idxs)
 
     def set_avail_ring(self, slot: int, head: int) -> None:
-        _U16.pack_into(self._amm, self._aoff + 4 + 2 * (slot % self.size), head & 0xFFFF)
+        self._av[2 + slot % self.size] = head & 0xFFFF
 
     def set_avail_idx(self, idx: int) -> None:
         """Write avail.idx (and the shadow) as is: lets tests jump it arbitrarily."""
         self.avail_idx = idx & 0xFFFF
-        _U16.pack_into(self._amm, self._aoff + 2, self.avail_idx)
+        self._av[1] = self.avail_idx
 
     def set_avail_flags(self, flags: int) -> None:
-        _U16.pack_into(self._amm, self._aoff, flags & 0xFFFF)
+        self._av[0] = flags & 0xFFFF
 
     def set_used_event(self, v: int) -> None:
-        _U16.pack_into(self._amm, self._used_event_off, v & 0xFFFF)
+        self._av[self._ue_i] = v & 0xFFFF
 
     @property
     def used_idx(self) -> int:
-        return _U16.unpack_from(self._umm, self._uoff + 2)[0]
+        return self._uv[1]
 
     @property
     def used_flags(self) -> int:
-        return _U16.unpack_from(self._umm, self._uoff)[0]
+        return self._uv[0]
 
     @property
     def avail_event(self) -> int:
-        return _U16.unpack_from(self._umm, self._avail_event_off)[0]
+        return self._uv[self._ae_i]
 
     def used_elem(self, slot: int) -> tuple[int, int]:
         return _USED_ELEM.unpack_from(self._umm, self._uoff + 4 + 8 * (slot % self.size))
@@ -906,19 +921,20 @@ class SplitQueue:
                 n = it
             else:
                 n = len(it)
-                mm[off + pos:off + pos + n] = it
+                if n:
+                    mm[off + pos:off + pos + n] = it
             segs.append((base + pos if total else 0, n, wflag))
             pos += n
 
     def publish(self, *heads: int) -> None:
         """Put heads on the avail ring, then advance avail.idx once."""
-        amm, aoff, size = self._amm, self._aoff, self.size
+        av, mask = self._av, self.size - 1
         idx = self.avail_idx
         for h in heads:
-            _U16.pack_into(amm, aoff + 4 + 2 * (idx & (size - 1)), h)
+            av[2 + (idx & mask)] = h
             idx = (idx + 1) & 0xFFFF
         # x86 keeps stores in program order: ring entries are visible before the index.
-        _U16.pack_into(amm, aoff + 2, idx)
+        av[1] = idx
         self.avail_idx = idx
         self._added += len(heads)
 
@@ -930,11 +946,10 @@ class SplitQueue:
             if self.event_idx:
                 new = self.avail_idx
                 old = (new - self._added) & 0xFFFF
-                ev = _U16.unpack_from(self._umm, self._avail_event_off)[0]
+                ev = self._uv[self._ae_i]
                 need = ((new - ev - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
             else:
-                need = self._added > 0 and not (
-                    _U16.unpack_from(self._umm, self._uoff)[0] & VRING_USED_F_NO_NOTIFY)
+                need = self._added > 0 and not self._uv[0] & VRING_USED_F_NO_NOTIFY
             self._added = 0
             if not need:
                 self.kicks_suppressed += 1
@@ -949,7 +964,7 @@ class SplitQueue:
     def poll_used(self) -> list[tuple[int, int]]:
         """Read new used elements (id, len) without blocking; updates used_event."""
         umm, uoff, size = self._umm, self._uoff, self.size
-        idx = _U16.unpack_from(umm, uoff + 2)[0]
+        idx = self._uv[1]              # one 16-bit load; elements are read after it
         last = self.last_used
         pending = (idx - last) & 0xFFFF
         if pending == 0:
@@ -966,7 +981,7 @@ class SplitQueue:
             last = (last + 1) & 0xFFFF
         self.last_used = last
         if self.event_idx:
-            _U16.pack_into(self._amm, self._used_event_off, last)
+            self._av[self._ue_i] = last
         return out
 
     def complete(self, elems: Iterable[tuple[int, int]]) -> list[Completion]:
@@ -1017,13 +1032,24 @@ class SplitQueue:
         self.interrupts += 1
         return True
 
-    def wait(self, timeout: float | None = 10.0) -> list[Completion]:
-        """Block until at least one completion (or raise TimeoutError)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self, timeout: float | None = 10.0, spin: float = 0.0) -> list[Completion]:
+        """Block until at least one completion (or raise TimeoutError).  ``spin``: first
+        poll the used ring for up to that many seconds before sleeping on the call eventfd
+        (keeps this side's wake-up latency out of latency measurements)."""
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + spin if spin else 0.0
         while True:
             elems = self.poll_used()
             if elems:
                 return self.complete(elems)
+            if spin_until:
+                uv = self._uv
+                last = self.last_used
+                while uv[1] == last and time.monotonic() < spin_until:
+                    pass
+                spin_until = 0.0
+                continue
             if self.event_idx:
                 memory_fence()          # used_event store before re-reading used.idx
                 if self.used_idx != self.last_used:
@@ -1064,6 +1090,8 @@ class SplitQueue:
         if self.closed:
             return
         self.closed = True
+        self._av.release()
+        self._uv.release()
         for fd in (self.kick_fd, self.call_fd, self.err_fd):
             try:
                 os.close(fd)
@@ -1225,6 +1253,7 @@ class VirtioFsFrontend:
         GET_FEATURES round trip so everything is processed before the first kick."""
         if self.started:
             raise FrontendError("already started")
+        self._drop_queues()                      # rings of an earlier start, if any
         acked = self._wanted_features() & self.backend_features
         if not acked & _bit(VirtioFeature.VERSION_1):
             raise FrontendError("backend does not offer VIRTIO_F_VERSION_1")
@@ -1506,7 +1535,7 @@ MKDIR_IN = struct.Struct("<II")
 RENAME_IN = struct.Struct("<Q")
 RENAME2_IN = struct.Struct("<QII")
 LINK_IN = struct.Struct("<Q")
-STATFS_OUT = struct.Struct("<QQQQQIIII24x")      # 80
+STATFS_OUT = struct.Struct("<QQQQQIII28x")       # 80 (padding + spare[6] skipped)
 SETXATTR_IN = struct.Struct("<IIII")             # 16 with FUSE_SETXATTR_EXT
 SETXATTR_IN_COMPAT = struct.Struct("<II")        # 8
 GETXATTR_IN = struct.Struct("<II")
@@ -1745,7 +1774,7 @@ class FuseClient:
                  gid: int | None = None, pid: int | None = None, timeout: float = 10.0,
                  seg_size: int | None = PAGE_SIZE, indirect: bool | None = None,
                  scatter: bool = False, request_queue: int | None = None,
-                 strict: bool = True):
+                 strict: bool = True, spin: float = 0.0):
         if not frontend.queues:
             raise FrontendError("frontend is not started")
         self.fe = frontend
@@ -1759,6 +1788,7 @@ class FuseClient:
         self.scatter = scatter
         self.request_queue = request_queue
         self.strict = strict
+        self.spin = spin                # seconds to busy-poll a queue before sleeping
         self.violations: list[str] = []
         self._rr = 0
         self._unique = 0
@@ -1839,7 +1869,7 @@ class FuseClient:
             unique = self.next_unique()
         if unique in self._pending:
             raise FrontendError(f"unique {unique} is already in flight")
-        body = sum(len(a) for a in args) + len(ext)
+        body = sum(a if isinstance(a, int) else len(a) for a in args) + len(ext)
         hdr = IN_HEADER.pack(
             IN_HEADER.size + body if hdr_len is None else hdr_len, opcode,
             unique, nodeid, self.uid if uid is None else uid, self.gid if gid is None else gid,
@@ -1913,7 +1943,7 @@ class FuseClient:
 
     def _collect(self, q: SplitQueue, timeout: float | None) -> None:
         try:
-            comps = q.wait(timeout)
+            comps = q.wait(timeout, self.spin)
         except ProtocolError as e:
             comps = getattr(e, "completions", [])
             self._absorb(q, comps)
