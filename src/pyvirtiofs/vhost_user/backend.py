@@ -260,12 +260,18 @@ class VhostUserBackend:
         if fd is None:
             raise BadMessage(f"ADD_MEM_REG carries {len(msg.fds)} fds, expected 1")
         region = MemoryRegion.from_fd(fd, gpa, size, uaddr, off)
+        base, replaced = self.memory, None
+        if any(r.guest_phys_addr == gpa and r.size == size for r in base.regions):
+            # The same slot again (QEMU re-adds its regions after a device reset): replace it.
+            base, replaced = base.without_region(gpa, size)
         try:
-            memory = self.memory.with_region(region)
+            memory = base.with_region(region)
         except GuestMemoryError:
             region.release()
             raise
         self._replace_memory(memory, release_old=False)
+        if replaced is not None:
+            replaced.release()
 
     def _rem_mem_reg(self, msg):
         gpa, size, _, _ = self._single_region(msg)
