@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from . import __version__, sandbox
+from . import __version__, sandbox, seccomp
 from .device import VirtioFsDevice
 from .passthrough import PassthroughFs
 from .virtqueue import ORDERING_IS_SAFE
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confine the daemon to the shared directory: new namespaces + "
                         "pivot_root, chroot, or nothing (default namespace as root, else none)")
     p.add_argument("--seccomp", choices=["kill", "log", "trap", "none"], default="none",
-                   help="accepted for compatibility; only 'none' is implemented")
+                   help="system call allow-list; what to do with other calls (default none)")
     p.add_argument("--modcaps", help="adjust the kept capabilities, e.g. '-mknod,+sys_admin'")
     p.add_argument("--rlimit-nofile", type=int, help="open-file limit (default: the hard limit)")
     p.add_argument("--announce-submounts", action="store_true", help="accepted, ignored")
@@ -107,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.sandbox is None:
         args.sandbox = "namespace" if os.geteuid() == 0 else "none"
-    if args.seccomp != "none":
-        log.warning("--seccomp=%s is not implemented; running without a filter", args.seccomp)
     try:
         keep_caps = sandbox.parse_modcaps(args.modcaps)
         sandbox.set_rlimit_nofile(args.rlimit_nofile)
@@ -136,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sandbox.enter(args.sandbox, args.shared_dir)
         sandbox.drop_capabilities(keep_caps)
+        seccomp.install(args.seccomp)
     except (sandbox.SandboxError, OSError) as e:
         print(f"pyvirtiofsd: cannot enter the sandbox: {e}", file=sys.stderr)
         _remove(cleanup)

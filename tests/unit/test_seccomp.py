@@ -1,0 +1,45 @@
+"""The seccomp filter allows what the daemon uses and stops what it must never do."""
+
+import os
+import signal
+import struct
+
+from pyvirtiofs import seccomp
+
+
+def run_filtered(mode, action):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            seccomp.install(mode)
+            action()
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def test_allowed_calls_work_under_the_filter(tmp_path):
+    def work():
+        fd = os.open(tmp_path, os.O_PATH)
+        os.stat(fd)
+        os.listdir(tmp_path)
+        (tmp_path / "x").write_bytes(b"1")
+        os.rename(tmp_path / "x", tmp_path / "y")
+    assert os.waitstatus_to_exitcode(run_filtered("kill", work)) == 0
+    assert (tmp_path / "y").exists()
+
+
+def test_a_call_off_the_list_kills_the_process(tmp_path):
+    status = run_filtered("kill", lambda: os.chroot(str(tmp_path)))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+def test_program_shape():
+    prog = seccomp.build_program(seccomp.RET_KILL_PROCESS, [1, 2, 3])
+    insns = [struct.unpack("=HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    # every match jumps to the final ALLOW
+    for i, (code, jt, jf, k) in enumerate(insns[4:7]):
+        assert insns[4 + i + 1 + jt][3] == seccomp.RET_ALLOW
+    assert insns[-2][3] == seccomp.RET_KILL_PROCESS
