@@ -95,7 +95,7 @@ def run_demo(daemon_cmd: Sequence[str], *, accel: str | None, timeout: float, ke
             say(indent(GUEST_SCRIPT, "   $ "))
             try:
                 res = guestvm.run_guest(GUEST_SCRIPT, [Share(TAG, socket=str(sock))],
-                                        accel=accel, timeout=timeout)
+                                        accel=accel, timeout=timeout, daemons=[daemon])
             except GuestError as e:
                 say(f"   FAILED: {e}")
                 say("--- daemon log ---")

@@ -40,6 +40,7 @@ class LockTable:
     def __init__(self, reopen: Callable[[int, int], int]):
         self._reopen = reopen  # (nodeid, flags) -> fd
         self._fds: dict[tuple[int, int], int] = {}
+        self._via_fh: dict[int, set[tuple[int, int]]] = {}  # guest file -> owners locking through it
         self._lock = threading.Lock()
 
     def _owner_fd(self, nodeid: int, owner: int, create: bool) -> int | None:
@@ -71,11 +72,13 @@ class LockTable:
             return (0, 0, F_UNLCK, 0)
         return (s, OFFSET_MAX if ln == 0 else s + ln - 1, t, max(pid, 0))
 
-    def setlk(self, nodeid: int, owner: int, start: int, end: int, type_: int) -> None:
+    def setlk(self, nodeid: int, fh: int, owner: int, start: int, end: int, type_: int) -> None:
         """Non-blocking; raises BlockingIOError (EAGAIN) when another holder conflicts."""
         fd = self._owner_fd(nodeid, owner, type_ != F_UNLCK)
         if fd is None:
             return  # unlocking what was never locked
+        with self._lock:
+            self._via_fh.setdefault(fh, set()).add((nodeid, owner))
         arg = _FLOCK.pack(type_, os.SEEK_SET, start, _to_len(start, end), 0)
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
@@ -90,9 +93,19 @@ class LockTable:
         if fd is not None:
             os.close(fd)  # drops every lock of this owner on this file
 
+    def release_file(self, fh: int) -> None:
+        """The guest's last reference to an open file is gone.  Process-owned POSIX locks were
+        dropped by FLUSH already (every close sends one); what remains are OFD locks, whose
+        owner is the open file itself, and they end with it."""
+        with self._lock:
+            owners = self._via_fh.pop(fh, ())
+        for nodeid, owner in owners:
+            self.release_owner(nodeid, owner)
+
     def clear(self) -> None:
         with self._lock:
             fds, self._fds = self._fds, {}
+            self._via_fh = {}
         for fd in fds.values():
             os.close(fd)
 

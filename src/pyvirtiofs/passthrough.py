@@ -252,6 +252,8 @@ class PassthroughFs(FileSystem):
                     os.ftruncate(fd, req.size)
                 finally:
                     os.close(fd)
+        if req.kill_suidgid and not ino.is_symlink and not ino.is_dir:
+            self._kill_priv(hfd if hfd is not None else ino.fd)
         if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
             def spec(now, ns):
                 if now:
@@ -382,9 +384,29 @@ class PassthroughFs(FileSystem):
 
     def write_from(self, inode, fh, offset, buffers, kill_priv, ctx):
         self._check_writable()
-        if not buffers:
-            return 0
-        return os.pwritev(self._handle(fh).fd, buffers, offset)
+        fd = self._handle(fh).fd
+        n = os.pwritev(fd, buffers, offset) if buffers else 0
+        if kill_priv:
+            self._kill_priv(fd)
+        return n
+
+    def _kill_priv(self, fd: int) -> None:
+        """What the kernel does when an unprivileged process writes or truncates: drop suid,
+        sgid (when group-executable) and file capabilities.  The daemon writes as root, whose
+        CAP_FSETID would keep them, so the guest asks us (FUSE_HANDLE_KILLPRIV_V2)."""
+        st = os.stat(fd)
+        m = st.st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if m & stat.S_IXGRP else 0)
+        if m & kill:
+            if stat.S_ISREG(m):
+                try:
+                    os.fchmod(fd, stat.S_IMODE(m) & ~kill)
+                except OSError:  # an O_PATH fd: through /proc
+                    os.chmod(str(fd), stat.S_IMODE(m) & ~kill, dir_fd=self._proc_fd)
+        try:
+            os.removexattr(fd, "security.capability")
+        except OSError:
+            pass
 
     def write(self, inode, fh, offset, data, ctx):
         self._check_writable()
@@ -396,12 +418,14 @@ class PassthroughFs(FileSystem):
         self._locks.release_owner(inode, lock_owner)
 
     def release(self, inode, fh):
+        self._locks.release_file(fh)
+        self.releasedir(inode, fh)
+
+    def releasedir(self, inode, fh):
         with self._lock:
             h = self._handles.pop(fh, None)
         if h is not None:
             os.close(h.fd)
-
-    releasedir = release
 
     def fsync(self, inode, fh, datasync):
         fd = self._handle(fh).fd
@@ -481,7 +505,7 @@ class PassthroughFs(FileSystem):
             locks.flock(self._handle(fh).fd, type_)
         else:
             self._inode(inode)
-            self._locks.setlk(inode, owner, start, end, type_)
+            self._locks.setlk(inode, fh, owner, start, end, type_)
 
     # -- extended attributes --------------------------------------------------------------
     @contextmanager

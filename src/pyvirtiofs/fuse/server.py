@@ -147,7 +147,8 @@ class FuseServer:
     # What we offer in INIT, ANDed with what the guest offers.
     BASE_FLAGS = (abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
                   | abi.ASYNC_DIO | abi.HAS_IOCTL_DIR | abi.ATOMIC_O_TRUNC | abi.MAX_PAGES
-                  | abi.INIT_EXT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO)
+                  | abi.INIT_EXT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+                  | abi.HANDLE_KILLPRIV_V2)
 
     def __init__(self, fs: FileSystem):
         self.fs = fs
@@ -403,8 +404,12 @@ class FuseServer:
 
     # -- files ----------------------------------------------------------------------------
     def _op_open(self, req, r, w):
-        flags, _ = abi.OPEN_IN.unpack(r.read(abi.OPEN_IN.size))
-        return self._reply(w, encode_open(self.fs.open(req.nodeid, flags, req.ctx)))
+        flags, open_flags = abi.OPEN_IN.unpack(r.read(abi.OPEN_IN.size))
+        opened = self.fs.open(req.nodeid, flags, req.ctx)
+        if open_flags & abi.OPEN_KILL_SUIDGID:
+            # O_TRUNC by a process without CAP_FSETID: the server drops suid/sgid (killpriv v2)
+            self.fs.setattr(req.nodeid, opened.fh, SetattrRequest(kill_suidgid=True), req.ctx)
+        return self._reply(w, encode_open(opened))
 
     def _op_create(self, req, r, w):
         flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))

@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import gzip
 import hashlib
 import io
 import lzma
@@ -230,10 +229,24 @@ class KernelInfo:
     modules: tuple[str, ...]  #: the modules to insmod, in order
 
 
-def _kernel_package() -> str:
+def _kernel_package(cache: Path) -> str:
+    """The kernel package to use; ``apt-cache`` is asked at most once a day (it takes 0.5 s)."""
     pkg = os.environ.get("PYVIRTIOFS_KERNEL_PKG")
     if pkg:
         return pkg
+    memo = cache / "kernel-package"
+    with contextlib.suppress(OSError):
+        if time.time() - memo.stat().st_mtime < 86400:
+            name = memo.read_text().strip()
+            if name:
+                return name
+    name = _ask_apt_for_kernel_package()
+    with contextlib.suppress(OSError):
+        _atomic_write(memo, name.encode() + b"\n")
+    return name
+
+
+def _ask_apt_for_kernel_package() -> str:
     try:
         r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
                            capture_output=True, text=True, timeout=60)
@@ -318,7 +331,7 @@ def _load_kernel_info(kdir: Path) -> KernelInfo:
 def prepare_kernel(cache: Path | None = None) -> KernelInfo:
     """Download and unpack the guest kernel into the cache (once; safe to call concurrently)."""
     cache = cache or cache_dir()
-    pkg = _kernel_package()
+    pkg = _kernel_package(cache)
     modkey = hashlib.sha256("\n".join(GUEST_MODULES).encode()).hexdigest()[:8]
     kdir = cache / f"kernel-{pkg}-{modkey}"
     if (kdir / "modules.list").exists():
@@ -654,6 +667,8 @@ def run_guest(
     extra_qemu_args: Iterable[str] = (),
     extra_append: str = "",
     keep_dir: str | None = None,
+    daemons: Sequence["DaemonProcess | subprocess.Popen"] = (),
+    daemon_grace: float = 5.0,
 ) -> GuestResult:
     """Boot a guest, mount ``shares``, run ``script`` with ``sh`` and power off.
 
@@ -664,6 +679,12 @@ def run_guest(
     reported the script's exit status (boot failure, a mount failed,
     timeout).  ``keep_dir``: write the run files (initrd, logs) there instead
     of a temporary directory that is removed afterwards.
+
+    ``daemons``: the daemon processes behind the shares (:class:`DaemonProcess`
+    or :class:`subprocess.Popen`).  A guest whose daemon died hangs on its next
+    FUSE request, so if one of them exits while QEMU still runs, QEMU is
+    given ``daemon_grace`` seconds to finish and is then killed, and
+    :class:`GuestError` names the daemon instead of waiting for ``timeout``.
     """
     shares = list(shares)
     tags = [s.tag for s in shares]
@@ -713,7 +734,7 @@ def run_guest(
             "-append", f"console=ttyS0 quiet panic=-1 {extra_append}".strip(),
         ]
         if hostroot:
-            cmd += ["-fsdev", f"local,id=fsdroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            cmd += ["-fsdev", "local,id=fsdroot,path=/,security_model=none,readonly=on,multidevs=remap",
                     "-device", f"virtio-9p-pci,fsdev=fsdroot,mount_tag={HOSTROOT_TAG}"]
         for i, s in enumerate(shares):
             if s.socket is not None:
@@ -728,14 +749,32 @@ def run_guest(
         cmd += list(extra_qemu_args)
 
         timed_out = False
+        dead_daemon: str | None = None
         t0 = time.monotonic()
         with open(qemu_log, "wb") as ql:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=ql, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                deadline = t0 + timeout
+                died_at: float | None = None
+                while proc.poll() is None:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        timed_out = True
+                        break
+                    if died_at is None:
+                        for d in daemons:
+                            rc = d.returncode if isinstance(d, DaemonProcess) else d.poll()
+                            if rc is not None:
+                                died_at = now
+                                args = d.argv if isinstance(d, DaemonProcess) else d.args
+                                dead_daemon = f"exit status {rc}: {shlex.join(map(str, args))}"
+                                if isinstance(d, DaemonProcess):
+                                    dead_daemon += f"\n--- daemon log (tail) ---\n{_tail(d.log, 30)}"
+                                break
+                    elif now - died_at > daemon_grace:
+                        break
+                    time.sleep(0.05)
             finally:
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
@@ -764,7 +803,9 @@ def run_guest(
     if m:
         ready = float(m.group(1))
     if status is None:
-        if timed_out:
+        if dead_daemon is not None:
+            why = f"a daemon exited while the guest was running ({dead_daemon})"
+        elif timed_out:
             why = f"the guest did not finish within {timeout:g} s (QEMU killed)"
         else:
             why = f"the guest did not report an exit status (QEMU exit code {proc.returncode})"

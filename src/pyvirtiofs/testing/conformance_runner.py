@@ -1,0 +1,176 @@
+"""Host side of the differential conformance suite (:mod:`pyvirtiofs.testing.conformance`).
+
+One guest boot runs every case twice: on the guest's own tmpfs (the reference) and on the
+virtiofs mount.  The cases also run natively on the host, in the file system that holds the
+shared directory: where virtiofs differs from tmpfs but agrees with the host's own file system
+(ext4 has no ZERO_RANGE limits tmpfs has, and a smaller xattr budget), the difference belongs
+to the backing file system, not to the daemon.
+
+    python -m pyvirtiofs.testing.conformance_runner [--daemon pyvirtiofsd|PATH] [--fast]
+        [--cache auto] [--markdown OUT.md] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import conformance, guestvm
+
+CASES_FILE = Path(conformance.__file__).resolve()
+
+# Cases where a difference from tmpfs is expected, and why (listed in the README).
+KNOWN_DIFFERENCES: dict[str, str] = {
+    "data_mmap_shared@never":
+        "with cache=never files are opened FOPEN_DIRECT_IO and Linux before 6.6 refuses shared "
+        "mmap of such files (ENODEV); FUSE_DIRECT_IO_ALLOW_MMAP needs a newer guest",
+    "xattr_trusted_security":
+        "trusted.* and security.* xattrs need CAP_SYS_ADMIN on the host, which the daemon drops "
+        "like virtiofsd does (EPERM); --modcaps=+sys_admin allows them",
+}
+
+
+@dataclass
+class CaseResult:
+    name: str
+    cache: str
+    tmpfs: object
+    virtiofs: object
+    host: object
+
+    @property
+    def verdict(self) -> str:
+        if self.virtiofs == self.tmpfs:
+            return "same"
+        if self.virtiofs == self.host:
+            return "backing-fs"
+        if self.name in KNOWN_DIFFERENCES or f"{self.name}@{self.cache}" in KNOWN_DIFFERENCES:
+            return "known"
+        return "DIFFERENT"
+
+
+@dataclass
+class Report:
+    daemon: str
+    cache: str
+    results: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if r.verdict == "DIFFERENT"]
+
+    def describe(self, r: CaseResult) -> str:
+        return (f"{r.name}: virtiofs {json.dumps(r.virtiofs)}\n"
+                f"    tmpfs  {json.dumps(r.tmpfs)}\n    host   {json.dumps(r.host)}")
+
+
+def default_daemon_argv(daemon: str, sock: str, shared: str, cache: str) -> list[str]:
+    if daemon == "pyvirtiofsd":
+        return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
+                f"--shared-dir={shared}", f"--cache={cache}"]
+    # The Rust reference: its options are spelled the same way.
+    return [daemon, f"--socket-path={sock}", f"--shared-dir={shared}", f"--cache={cache}",
+            "--sandbox", "none", "--xattr"]
+
+
+def _extract(output: str, tag: str) -> dict:
+    start, end = f"<<{tag}>>", f"<</{tag}>>"
+    i, j = output.find(start), output.find(end)
+    if i < 0 or j < 0:
+        raise guestvm.GuestError(f"no {tag} results in the guest output:\n{output[-3000:]}")
+    return json.loads(output[i + len(start):j])
+
+
+def run(daemon: str = "pyvirtiofsd", *, fast: bool = True, cache: str = "auto",
+        only: str = "", workdir: str | None = None, env: dict | None = None) -> Report:
+    with tempfile.TemporaryDirectory(prefix="pyvfs-conf-", dir=workdir) as tmp:
+        shared = os.path.join(tmp, "share")
+        hostref = os.path.join(tmp, "hostref")
+        os.chmod(tmp, 0o755)  # cases run parts as uid 1000, on the host too
+        os.makedirs(shared)
+        os.makedirs(hostref)
+        args = ["--fast"] if fast else []
+        if only:
+            args += ["--only", only]
+        host = json.loads(subprocess.run(
+            [sys.executable, str(CASES_FILE), "--root", hostref, *args],
+            check=True, capture_output=True, text=True).stdout)
+        sock = os.path.join(tmp, "vfs.sock")
+        argv = default_daemon_argv(daemon, sock, shared, cache)
+        cases = " ".join(args)
+        script = (
+            f"mkdir -p /tmp/ref /mnt/vfs/c\n"
+            f"echo '<<tmpfs>>'; python3 {CASES_FILE} --root /tmp/ref {cases}; echo '<</tmpfs>>'\n"
+            f"echo '<<virtiofs>>'; python3 {CASES_FILE} --root /mnt/vfs/c {cases}; "
+            f"echo '<</virtiofs>>'\n")
+        with guestvm.DaemonProcess(argv, sock, env=env) as d:
+            res = guestvm.run_guest(script, [guestvm.Share("vfs", socket=sock)], hostroot=True,
+                                    timeout=1200)
+        if res.status != 0:
+            raise guestvm.GuestError(f"conformance script failed ({res.status}):\n"
+                                     f"{res.output[-3000:]}\n--- daemon ---\n{d.log[-3000:]}")
+        tmpfs = _extract(res.output, "tmpfs")
+        vfs = _extract(res.output, "virtiofs")
+    report = Report(daemon=os.path.basename(daemon), cache=cache)
+    for name in tmpfs:
+        report.results.append(CaseResult(name, cache, tmpfs[name], vfs.get(name), host.get(name)))
+    return report
+
+
+def markdown(reports: list[Report]) -> str:
+    names = [r.name for r in reports[0].results]
+    head = "| case | " + " | ".join(f"{r.daemon} (cache={r.cache})" for r in reports) + " |"
+    lines = [head, "|---|" + "---|" * len(reports)]
+    for i, n in enumerate(names):
+        cells = []
+        for rep in reports:
+            v = rep.results[i].verdict
+            cells.append({"same": "same as tmpfs", "backing-fs": "same as host ext4",
+                          "known": "known difference"}.get(v, "**differs**"))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--daemon", action="append",
+                    help="pyvirtiofsd (default) or the path of another virtiofsd; repeatable")
+    ap.add_argument("--fast", action="store_true", help="leave out the slow cases")
+    ap.add_argument("--cache", default="auto")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    reports = []
+    for daemon in a.daemon or ["pyvirtiofsd"]:
+        rep = run(daemon, fast=a.fast, cache=a.cache, only=a.only)
+        reports.append(rep)
+        for r in rep.results:
+            print(f"{rep.daemon:12} {r.verdict:10} {r.name}")
+        for r in rep.failures:
+            print(rep.describe(r))
+    md = markdown(reports)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+    if a.json:
+        Path(a.json).write_text(json.dumps(
+            [{"daemon": r.daemon, "cache": r.cache,
+              "cases": {c.name: {"verdict": c.verdict, "tmpfs": c.tmpfs, "virtiofs": c.virtiofs,
+                                 "host": c.host} for c in r.results}} for r in reports],
+            indent=1))
+    return 1 if reports[0].failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+
