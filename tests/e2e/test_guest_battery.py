@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofs.testing import guestvm
 from pyvirtiofs.testing.guestvm import GuestError, GuestResult, Share, run_guest
 
 pytestmark = pytest.mark.guest
@@ -1003,8 +1004,9 @@ def battery(start_daemon_module, tmp_path_factory) -> Battery:
     daemon = start_daemon_module(root, "battery")
     program = guest_program()
     assert "PYVFS_EOF" not in program
-    script = (f"cat > /tmp/battery.py <<'PYVFS_EOF'\n{program}\nPYVFS_EOF\n"
-              f"exec {shlex.quote(sys.executable)} /tmp/battery.py \"$PWD\" {' '.join(CHECKS)}\n")
+    script = (guestvm.embed_file("/tmp/battery.py", program)
+              + f"exec {shlex.quote(guestvm.guest_python())} /tmp/battery.py \"$PWD\" "
+              + f"{' '.join(CHECKS)}\n")
     t0 = time.monotonic()
     try:
         res = run_guest(script, [Share("battery", socket=daemon.socket_path)], hostroot=True,

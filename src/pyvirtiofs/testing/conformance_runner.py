@@ -105,11 +105,14 @@ def run(daemon: str = "pyvirtiofsd", *, fast: bool = True, cache: str = "auto",
         sock = os.path.join(tmp, "vfs.sock")
         argv = default_daemon_argv(daemon, sock, shared, cache)
         cases = " ".join(args)
+        py = guestvm.guest_python()
         script = (
-            f"mkdir -p /tmp/ref /mnt/vfs/c\n"
-            f"echo '<<tmpfs>>'; python3 {CASES_FILE} --root /tmp/ref {cases}; echo '<</tmpfs>>'\n"
-            f"echo '<<virtiofs>>'; python3 {CASES_FILE} --root /mnt/vfs/c {cases}; "
-            f"echo '<</virtiofs>>'\n")
+            guestvm.embed_file("/tmp/conformance.py", CASES_FILE.read_text())
+            + "mkdir -p /tmp/ref /mnt/vfs/c\n"
+            f"echo '<<tmpfs>>'; {py} /tmp/conformance.py --root /tmp/ref {cases}; "
+            "echo '<</tmpfs>>'\n"
+            f"echo '<<virtiofs>>'; {py} /tmp/conformance.py --root /mnt/vfs/c {cases}; "
+            "echo '<</virtiofs>>'\n")
         with guestvm.DaemonProcess(argv, sock, env=env) as d:
             res = guestvm.run_guest(script, [guestvm.Share("vfs", socket=sock)], hostroot=True,
                                     timeout=1200)

@@ -552,6 +552,25 @@ class Share:
 _GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def guest_python() -> str:
+    """A Python interpreter a host-root guest can run.  The guest sees the host's / except
+    /tmp, /run, /var/tmp and /mnt (tmpfs there), so a virtualenv in a checkout under /tmp
+    is invisible; the system interpreter, or the real file behind ours, is not."""
+    for cand in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+        hidden = any(cand == d or cand.startswith(d + "/")
+                     for d in ("/tmp", "/run", "/var/tmp", "/mnt"))
+        if os.access(cand, os.X_OK) and not hidden:
+            return cand
+    raise GuestError("no Python interpreter outside /tmp, /run, /var/tmp and /mnt for the guest")
+
+
+def embed_file(path: str, data: str, marker: str = "PYVFS_EOF") -> str:
+    """Shell lines that recreate a text file inside the guest."""
+    if marker in data:
+        raise ValueError(f"{marker} occurs in the file")
+    return f"cat > {shlex.quote(path)} <<'{marker}'\n{data}\n{marker}\n"
+
+
 def _setup_script(shares: Sequence[Share], hostroot: bool, marker: str) -> str:
     """The per-run part of /init: mount everything, run the script, report its status."""
     q = shlex.quote
