@@ -120,6 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
         return 1
 
+    def on_signal(signum, frame):
+        # Stop once.  A second SIGTERM/SIGINT must neither interrupt the clean-up below nor
+        # arrive during interpreter exit, when Python restores the default (fatal) action
+        # of signals it handled; ignored signals stay ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    # A supervisor may signal us as soon as the socket or the pid file exists: hold the
+    # stop signals back from before they exist until we are inside the try block that
+    # removes them again (else SIGTERM kills us with both left behind, SIGINT tracebacks).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cleanup: list[tuple[int, str]] = []  # (dir fd, name): unlinkable after a chroot too
     if args.fd is not None:
         listener = socket.socket(fileno=args.fd)
@@ -140,13 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove(cleanup)
         return 1
 
-    def on_signal(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones land here
         log.info("waiting for a vhost-user frontend on %s", args.socket_path or f"fd {args.fd}")
         conn, _ = listener.accept()
         listener.close()
@@ -159,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _remove(cleanup)
     return 0
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _remove(entries: list[tuple[int, str]]) -> None:

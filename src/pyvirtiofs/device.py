@@ -11,9 +11,11 @@ HIPRIO_QUEUE = 0
 
 
 class VirtioFsDevice:
-    def __init__(self, fs: FileSystem, num_request_queues: int = 1024):
+    def __init__(self, fs: FileSystem, num_request_queues: int = 255):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
-        # num-request-queues property asks for and leaves the rest untouched.
+        # num-request-queues property asks for and leaves the rest untouched.  At most 256
+        # queues in all: SET_VRING_KICK/CALL/ERR name their ring in 8 bits (vhost-user.rst),
+        # so a queue numbered 256 or more could never be given its eventfds.
         self.fs = fs
         self.server = FuseServer(fs)
         self.num_queues = 1 + num_request_queues

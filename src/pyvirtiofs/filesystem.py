@@ -255,3 +255,10 @@ class FileSystem:
     def setlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
               pid: int, wait: bool, flock: bool) -> None:
         raise FsError(errno.ENOSYS)
+
+    def begin_lock_wait(self, inode: int, owner: int, start: int, end: int, type_: int,
+                        flock: bool) -> None:
+        """A SETLKW is about to wait; raise FsError(EDEADLK) if that would deadlock."""
+
+    def end_lock_wait(self, inode: int, owner: int, flock: bool) -> None:
+        """The wait announced by :meth:`begin_lock_wait` is over."""

@@ -507,6 +507,14 @@ class PassthroughFs(FileSystem):
             self._inode(inode)
             self._locks.setlk(inode, fh, owner, start, end, type_)
 
+    def begin_lock_wait(self, inode, owner, start, end, type_, flock):
+        if not flock:
+            self._locks.begin_wait(inode, owner, start, end, type_)
+
+    def end_lock_wait(self, inode, owner, flock):
+        if not flock:
+            self._locks.end_wait(owner)
+
     # -- extended attributes --------------------------------------------------------------
     @contextmanager
     def _xattr_fd(self, inode):

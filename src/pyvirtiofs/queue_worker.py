@@ -72,6 +72,12 @@ class QueueWorker:
                     os.eventfd_read(vq.kick_fd)
                 except (BlockingIOError, InterruptedError):
                     pass
+                except OSError as e:
+                    # Not a readable eventfd (a file, a pipe or socket at EOF, ...): the
+                    # frontend's kick fd cannot be waited on; stop this queue rather than
+                    # spin on it or die with a traceback.
+                    raise QueueBroken(f"queue {vq.index}: the kick fd is not a readable "
+                                      f"eventfd ({e.strerror or e})") from None
         except QueueBroken as e:
             self._broken(str(e))
         except Exception as e:  # a bug of ours must not take the daemon down

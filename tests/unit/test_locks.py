@@ -115,3 +115,25 @@ def test_setlkw_is_interruptible(setup):
     assert done.wait(5)
     assert Reply(bytes(writable[0])).errno == errno.EINTR
     host.close()
+
+
+def test_a_wait_that_would_deadlock_gets_edeadlk(setup):
+    c, nodeid, fh, path = setup
+    # owner 1 holds [0,9], owner 2 holds [20,29]; owner 1 waits for [20,29]
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, 9, fcntl.F_WRLCK)).error == 0
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_WRLCK)).error == 0
+    done = threading.Event()
+    writable = [memoryview(bytearray(64))]
+    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 90, nodeid, 0, 0, 1, 0, 0)
+    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 1, 20, 29, fcntl.F_WRLCK)))], writable)
+    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    # owner 2 now waiting for [0,9] would close the cycle: EDEADLK at once
+    hdr2 = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 91, nodeid, 0, 0, 1, 0, 0)
+    w2 = [memoryview(bytearray(64))]
+    chain2 = DescriptorChain(4, [memoryview(bytearray(hdr2 + lk(fh, 2, 0, 9, fcntl.F_WRLCK)))], w2)
+    n = c.server.handle(chain2, lambda h, n: None)
+    assert n != DEFERRED and Reply(bytes(w2[0])[:n]).errno == errno.EDEADLK
+    # owner 2 unlocks: owner 1's wait is granted
+    assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_UNLCK)).error == 0
+    assert done.wait(5)
+    assert Reply(bytes(writable[0])).error == 0

@@ -80,6 +80,11 @@ class _LockWaiter:
             break
         with server._waiters_lock:
             server._waiters.pop(req.unique, None)
+        nodeid, _fh, owner, *_rest, flock = self.args
+        try:
+            server.fs.end_lock_wait(nodeid, owner, flock)
+        except Exception:
+            log.exception("end_lock_wait failed")
         req.complete(req.head, n)
 
 
@@ -194,6 +199,10 @@ class FuseServer:
             return self._error(w, unique, e.errno or errno.EIO)
         except (ProtocolError, EOFError) as e:
             return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
+        except OverflowError as e:
+            # A number from the guest (offset, size, mode, flags...) beyond what the host
+            # call takes, e.g. lseek(2) to 2^64-1: the guest's mistake, not a bug of ours.
+            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
         except Exception:
             log.exception("internal error serving %s", _opname(opcode))
             return self._error(w, unique, errno.EIO)
@@ -299,9 +308,11 @@ class FuseServer:
             log.warning("BATCH_FORGET claims %d entries, message holds %d; using those",
                         count, r.remaining // abi.FORGET_ONE.size)
             count = r.remaining // abi.FORGET_ONE.size
-        data = r.read(count * abi.FORGET_ONE.size)
-        for nodeid, n in abi.FORGET_ONE.iter_unpack(data):
-            self.fs.forget(nodeid, n)
+        while count:  # in slices: the guest sizes the message, not our memory
+            k = min(count, 4096)
+            for nodeid, n in abi.FORGET_ONE.iter_unpack(r.read(k * abi.FORGET_ONE.size)):
+                self.fs.forget(nodeid, n)
+            count -= k
         return _NO_REPLY
 
     def _op_interrupt(self, req, r, w):
@@ -507,6 +518,7 @@ class FuseServer:
                 raise
         if req.complete is None:
             raise FsError(errno.EAGAIN)  # no way to answer later: the caller retries
+        self.fs.begin_lock_wait(req.nodeid, owner, start, end, type_, bool(lkflags & abi.LK_FLOCK))
         waiter = _LockWaiter(self, req, w, args)
         with self._waiters_lock:
             self._waiters[req.unique] = waiter
@@ -586,7 +598,7 @@ class FuseServer:
             raise FsError(errno.E2BIG)
         if size > r.remaining:
             raise ProtocolError("xattr value longer than the request")
-        rest = r.read(r.remaining)
+        rest = r.read(min(r.remaining, MAX_NAME + 1 + size))  # not all the guest sent
         end = rest.find(b"\0")
         if end <= 0 or len(rest) - end - 1 < size:
             raise ProtocolError("malformed SETXATTR")

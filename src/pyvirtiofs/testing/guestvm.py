@@ -138,6 +138,13 @@ def _apt_env() -> dict[str, str]:
     return env
 
 
+def ensure_host_programs(programs: dict[str, str]) -> None:
+    """Install {program: apt package} when missing (host-root guests run host programs)."""
+    missing = sorted({pkg for prog, pkg in programs.items() if shutil.which(prog) is None})
+    if missing:
+        _apt_install(missing)
+
+
 def _apt_install(packages: Sequence[str]) -> None:
     if shutil.which("apt-get") is None:
         raise GuestError(
