@@ -137,3 +137,23 @@ def test_a_wait_that_would_deadlock_gets_edeadlk(setup):
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_UNLCK)).error == 0
     assert done.wait(5)
     assert Reply(bytes(writable[0])).error == 0
+
+
+def test_closing_the_file_cancels_the_owners_waiting_lock(setup):
+    c, nodeid, fh, path = setup
+    host = open(path, "r+")
+    fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
+    done = threading.Event()
+    writable = [memoryview(bytearray(64))]
+    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 79, nodeid, 0, 0, 1, 0, 0)
+    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 42, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    # the waiting process dies: its close sends FLUSH with its lock owner
+    assert c.call(Opcode.FLUSH, nodeid, struct.pack("<QIIQ", fh, 0, 0, 42)).error == 0
+    assert done.wait(5)
+    assert Reply(bytes(writable[0])).errno == errno.EINTR
+    fcntl.lockf(host, fcntl.LOCK_UN)
+    time.sleep(0.2)
+    # and it never takes the lock afterwards: the host can lock the file again
+    fcntl.lockf(host, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
+    host.close()

@@ -52,7 +52,14 @@ class _LockWaiter:
     def __init__(self, server, req: Request, w: Writer, args: tuple):
         self.server, self.req, self.w, self.args = server, req, w, args
         self.cancelled = threading.Event()
-        self.owner = (req.nodeid, args[1])
+        # Held while trying the lock, so that once cancel() returns no attempt is under way
+        # and none will follow: a cancelled wait can never take a lock afterwards.
+        self.attempt = threading.Lock()
+        self.owner = (req.nodeid, args[2])  # args: nodeid, fh, owner, ...
+
+    def cancel(self) -> None:
+        with self.attempt:
+            self.cancelled.set()
 
     def run(self) -> None:
         server, req = self.server, self.req
@@ -62,7 +69,10 @@ class _LockWaiter:
                 n = server._error(self.w, req.unique, errno.EINTR)
                 break
             try:
-                server.fs.setlk(*self.args)
+                with self.attempt:
+                    if self.cancelled.is_set():
+                        continue
+                    server.fs.setlk(*self.args)
             except BlockingIOError:
                 delay = min(delay * 2, LOCK_RETRY_MAX)
                 continue
@@ -320,7 +330,7 @@ class FuseServer:
         with self._waiters_lock:
             waiter = self._waiters.get(target)
         if waiter is not None:
-            waiter.cancelled.set()  # the waiting lock answers EINTR
+            waiter.cancel()  # the waiting lock answers EINTR
         return _NO_REPLY  # only waiting locks can be interrupted; others finish soon anyway
 
     def cancel_pending(self, complete=None, owner=None) -> None:
@@ -331,7 +341,7 @@ class FuseServer:
         for wt in waiters:
             if ((complete is None or wt.req.complete == complete)
                     and (owner is None or wt.owner == owner)):
-                wt.cancelled.set()
+                wt.cancel()
 
     def _op_getattr(self, req, r, w):
         flags, _, fh = abi.GETATTR_IN.unpack(r.read(abi.GETATTR_IN.size))
