@@ -32,13 +32,19 @@ class FsError(Exception):
         self.errno = errno_
 
 
-@dataclass
 class Context:
-    """Who asks: the credentials of the guest process behind a request."""
-    uid: int
-    gid: int
-    pid: int
-    umask: int = 0
+    """Who asks: the credentials of the guest process behind a request (one per request,
+    hence a plain slotted class)."""
+    __slots__ = ("uid", "gid", "pid", "umask")
+
+    def __init__(self, uid: int, gid: int, pid: int, umask: int = 0):
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.umask = umask
+
+    def __repr__(self) -> str:
+        return f"Context(uid={self.uid}, gid={self.gid}, pid={self.pid}, umask={self.umask:o})"
 
 
 @dataclass

@@ -63,11 +63,11 @@ class Reader:
 
     __slots__ = ("views", "_i", "_pos", "remaining")
 
-    def __init__(self, views: list[memoryview]):
+    def __init__(self, views: list[memoryview], total: int | None = None):
         self.views = views
         self._i = 0
         self._pos = 0
-        self.remaining = sum(len(v) for v in views)
+        self.remaining = sum(len(v) for v in views) if total is None else total
 
     def read(self, n: int) -> bytes:
         """Copy the next n bytes out of guest memory; raises EOFError if the chain is shorter."""
@@ -110,9 +110,9 @@ class Writer:
 
     __slots__ = ("views", "capacity")
 
-    def __init__(self, views: list[memoryview]):
+    def __init__(self, views: list[memoryview], total: int | None = None):
         self.views = views
-        self.capacity = sum(len(v) for v in views)
+        self.capacity = sum(len(v) for v in views) if total is None else total
 
     def views_at(self, offset: int, n: int) -> list[memoryview]:
         """Views of [offset, offset+n) of the writable space (clipped to its capacity)."""
@@ -122,8 +122,8 @@ class Writer:
         for v in self.views:
             lv = len(v)
             if pos + lv > offset:
-                s = max(offset - pos, 0)
-                e = min(end - pos, lv)
+                s = offset - pos if offset > pos else 0
+                e = end - pos if end - pos < lv else lv
                 if e > s:
                     out.append(v if (s == 0 and e == lv) else v[s:e])
                 if pos + lv >= end:
@@ -136,32 +136,45 @@ class Writer:
         n = len(data)
         if offset + n > self.capacity:
             raise EOFError(f"reply of {offset + n} bytes does not fit in {self.capacity}")
-        first = self.views[0] if self.views else None
-        if first is not None and offset + n <= len(first):
-            first[offset:offset + n] = data
-            return offset + n
-        mv = memoryview(data).cast("B")
+        pos = 0
         p = 0
-        for v in self.views_at(offset, n):
-            k = len(v)
-            v[:] = mv[p:p + k]
-            p += k
+        mv = None
+        for v in self.views:
+            lv = len(v)
+            if pos + lv > offset:
+                s = offset + p - pos
+                k = lv - s if lv - s < n - p else n - p
+                if p == 0 and k == n:
+                    v[s:s + k] = data  # the usual case: one descriptor takes it all
+                    return offset + n
+                if mv is None:
+                    mv = memoryview(data).cast("B")
+                v[s:s + k] = mv[p:p + k]
+                p += k
+                if p == n:
+                    break
+            pos += lv
         return offset + n
 
 
 class DescriptorChain:
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]):
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 readable_len: int | None = None, writable_len: int | None = None):
         self.head = head
         self.readable = readable
         self.writable = writable
+        self.readable_len = (sum(len(v) for v in readable) if readable_len is None
+                             else readable_len)
+        self.writable_len = (sum(len(v) for v in writable) if writable_len is None
+                             else writable_len)
 
     def reader(self) -> Reader:
-        return Reader(self.readable)
+        return Reader(self.readable, self.readable_len)
 
     def writer(self) -> Writer:
-        return Writer(self.writable)
+        return Writer(self.writable, self.writable_len)
 
 
 class Virtqueue:
@@ -182,6 +195,7 @@ class Virtqueue:
         self.enabled = False
         self.broken = False
         self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._region_hint = None
         self._lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -201,6 +215,7 @@ class Virtqueue:
         avail = memory.view(avail_addr, 6 + 2 * n)
         used = memory.view(used_addr, 6 + 8 * n)
         self.memory = memory
+        self._region_hint = None
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
         self._desc = desc
         self._avail16 = avail.cast("H")
@@ -220,6 +235,7 @@ class Virtqueue:
 
     def reset(self) -> None:
         self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._region_hint = None
         self.memory = None
         self.next_avail = self.next_used = 0
         self.signalled_used = None
@@ -238,64 +254,83 @@ class Virtqueue:
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain.  Raises ChainError (chain is returned unused
         automatically) or QueueBroken."""
-        if self.avail_count() == 0:
+        avail16 = self._avail16
+        n = (avail16[1] - self.next_avail) & 0xFFFF
+        if n == 0:
             return None
-        head = self._avail16[2 + (self.next_avail % self.size)]
+        if n > self.size:
+            raise QueueBroken(
+                f"queue {self.index}: avail index moved by {n}, more than the queue size {self.size}")
+        head = avail16[2 + (self.next_avail % self.size)]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head descriptor {head} >= queue size {self.size}")
         try:
-            readable, writable = self._walk(head)
+            return self._walk(head)
         except ChainError as e:
             self.add_used(head, 0)
             raise ChainError(f"queue {self.index}, chain {head}: {e}") from None
-        return DescriptorChain(head, readable, writable)
 
-    def _walk(self, head: int):
+    def _walk(self, head: int) -> DescriptorChain:
+        """Follow the chain from ``head``; every address is checked against guest memory.
+        The descriptors are copied out of guest memory once (a table at a time for indirect
+        tables), so the guest changing them meanwhile cannot make us see two versions."""
         memory = self.memory
-        table, count = self._desc, self.size
+        regions = memory.regions
+        # Fast path: most guests have one or two regions; try the one that served last.
+        region = self._region_hint or regions[0] if regions else None
         readable: list[memoryview] = []
         writable: list[memoryview] = []
-        i = head
+        rlen = wlen = 0
+        desc = _DESC.unpack_from(self._desc, 16 * head)
+        table = None  # the indirect table's descriptors, once we are in one
+        count = self.size
         seen = 0
-        indirect = False
         while True:
             seen += 1
             if seen > count:
                 raise ChainError("descriptor chain loops or is longer than its table")
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = desc
             if flags & VIRTQ_DESC_F_INDIRECT:
-                if indirect:
+                if table is not None:
                     raise ChainError("indirect descriptor inside an indirect table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise ChainError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table of {length} bytes")
                 try:
-                    table = memory.view(addr, length)
+                    table = list(_DESC.iter_unpack(memory.view(addr, length)))
                 except GuestMemoryError as e:
                     raise ChainError(str(e)) from None
-                count = length // 16
-                indirect = True
-                i = 0
+                count = len(table)
                 seen = 0
+                desc = table[0]
                 continue
             if length:
-                try:
-                    views = memory.slices(addr, length)
-                except GuestMemoryError as e:
-                    raise ChainError(str(e)) from None
+                off = addr - region.guest_phys_addr if region is not None else -1
+                if 0 <= off and off + length <= region.size:
+                    views = (region.view[off:off + length],)
+                else:
+                    try:
+                        views = memory.slices(addr, length)
+                    except GuestMemoryError as e:
+                        raise ChainError(str(e)) from None
+                    found = memory._find(addr)
+                    if found is not None:
+                        region = self._region_hint = found
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable.extend(views)
+                    wlen += length
                 elif writable:
                     raise ChainError("device-readable descriptor after a device-writable one")
                 else:
                     readable.extend(views)
+                    rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return readable, writable
-            i = nxt
-            if i >= count:
-                raise ChainError(f"next descriptor {i} outside its table of {count}")
+                return DescriptorChain(head, readable, writable, rlen, wlen)
+            if nxt >= count:
+                raise ChainError(f"next descriptor {nxt} outside its table of {count}")
+            desc = table[nxt] if table is not None else _DESC.unpack_from(self._desc, 16 * nxt)
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick for chains after the ones popped so far.  Returns True if

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
@@ -35,14 +35,17 @@ class ProtocolError(Exception):
     """The request itself is malformed; answered with EINVAL."""
 
 
-@dataclass
 class Request:
-    opcode: int
-    unique: int
-    nodeid: int
-    ctx: Context
-    head: int = 0
-    complete: Callable[[int, int], None] | None = None
+    """One request being served (a plain class: one is made per request)."""
+    __slots__ = ("opcode", "unique", "nodeid", "ctx", "head", "complete")
+
+    def __init__(self, opcode, unique, nodeid, ctx, head=0, complete=None):
+        self.opcode = opcode
+        self.unique = unique
+        self.nodeid = nodeid
+        self.ctx = ctx
+        self.head = head
+        self.complete = complete
 
 
 class _LockWaiter:
@@ -119,32 +122,50 @@ def _check_name(name: bytes) -> bytes:
     return name
 
 
+_TIMEOUTS: dict[float, tuple[int, int]] = {}
+_U64 = 0xFFFFFFFFFFFFFFFF
+_NS = 1_000_000_000
+# fuse_attr_out and fuse_entry_out packed in one call each (the hot replies)
+_ATTR_OUT = struct.Struct("<QII" + abi.ATTR.format[1:])
+_ENTRY_OUT = struct.Struct(abi.ENTRY_OUT_HEAD.format + abi.ATTR.format[1:])
+
+
 def _timeout(t: float) -> tuple[int, int]:
-    if t <= 0:
-        return 0, 0
-    s = int(t)
-    return s, int((t - s) * 1e9)
+    v = _TIMEOUTS.get(t)
+    if v is None:
+        if t <= 0:
+            v = (0, 0)
+        else:
+            s = int(t)
+            v = (s, int((t - s) * 1e9))
+        if len(_TIMEOUTS) < 64:
+            _TIMEOUTS[t] = v
+    return v
+
+
+def _attr_fields(a) -> tuple:
+    at, atn = divmod(a.st_atime_ns, _NS)
+    mt, mtn = divmod(a.st_mtime_ns, _NS)
+    ct, ctn = divmod(a.st_ctime_ns, _NS)
+    nlink = a.st_nlink
+    return (a.st_ino & _U64, a.st_size, a.st_blocks, at & _U64, mt & _U64, ct & _U64,
+            atn, mtn, ctn, a.st_mode, nlink if nlink <= 0xFFFFFFFF else 0xFFFFFFFF,
+            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, getattr(a, "st_blksize", 4096) or 4096, 0)
 
 
 def encode_attr(a) -> bytes:
-    at, atn = divmod(a.st_atime_ns, 1_000_000_000)
-    mt, mtn = divmod(a.st_mtime_ns, 1_000_000_000)
-    ct, ctn = divmod(a.st_ctime_ns, 1_000_000_000)
-    return abi.ATTR.pack(a.st_ino & 0xFFFFFFFFFFFFFFFF, a.st_size, a.st_blocks,
-                         at & 0xFFFFFFFFFFFFFFFF, mt & 0xFFFFFFFFFFFFFFFF, ct & 0xFFFFFFFFFFFFFFFF,
-                         atn, mtn, ctn, a.st_mode, min(a.st_nlink, 0xFFFFFFFF), a.st_uid, a.st_gid,
-                         a.st_rdev & 0xFFFFFFFF, getattr(a, "st_blksize", 4096) or 4096, 0)
+    return abi.ATTR.pack(*_attr_fields(a))
 
 
 def encode_entry(e: Entry) -> bytes:
     es, ens = _timeout(e.entry_timeout)
     as_, ans = _timeout(e.attr_timeout)
-    return abi.ENTRY_OUT_HEAD.pack(e.inode, e.generation, es, as_, ens, ans) + encode_attr(e.attr)
+    return _ENTRY_OUT.pack(e.inode, e.generation, es, as_, ens, ans, *_attr_fields(e.attr))
 
 
 def encode_attr_out(attr, timeout: float) -> bytes:
     s, ns = _timeout(timeout)
-    return abi.ATTR_OUT_HEAD.pack(s, ns, 0) + encode_attr(attr)
+    return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr))
 
 
 def encode_open(o: OpenResult) -> bytes:
@@ -154,6 +175,10 @@ def encode_open(o: OpenResult) -> bytes:
 
 
 _EMPTY_ENTRY_HEAD = bytes(abi.ENTRY_OUT_SIZE)
+_IN_UNPACK = abi.IN_HEADER.unpack
+_OUT_PACK_INTO = abi.OUT_HEADER.pack_into
+_INIT = int(Opcode.INIT)
+_GETATTR_IN_UNPACK = abi.GETATTR_IN.unpack
 
 
 class FuseServer:
@@ -187,20 +212,20 @@ class FuseServer:
         r = chain.reader()
         w = chain.writer()
         try:
-            hdr = r.read(abi.IN_HEADER.size)
+            hdr = r.read(40)
         except EOFError:
             log.warning("request shorter than a FUSE header (%d bytes); dropped", r.remaining)
             return 0
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack(hdr)
-        if length < abi.IN_HEADER.size or length - abi.IN_HEADER.size > r.remaining:
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_UNPACK(hdr)
+        if length < 40 or length - 40 > r.remaining:
             return self._error(w, unique, errno.EINVAL, "header len %d disagrees with chain" % length)
-        r.remaining = length - abi.IN_HEADER.size  # ignore trailing bytes past len
-        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete)
+        r.remaining = length - 40  # ignore trailing bytes past len
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)
-        if not self.initialized and opcode != Opcode.INIT:
+        if not self.initialized and opcode != _INIT:
             return self._error(w, unique, errno.EIO, "request before INIT")
+        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete)
         try:
             n = handler(req, r, w)
         except FsError as e:
@@ -224,10 +249,14 @@ class FuseServer:
 
     @staticmethod
     def _finish(w: Writer, unique: int, n: int) -> int:
-        if w.capacity < abi.OUT_HEADER.size:
+        if w.capacity < 16:
             return 0
-        total = abi.OUT_HEADER.size + n
-        w.write_at(0, abi.OUT_HEADER.pack(total, 0, unique))
+        total = 16 + n
+        first = w.views[0]
+        if len(first) >= 16:
+            _OUT_PACK_INTO(first, 0, total, 0, unique)
+        else:
+            w.write_at(0, abi.OUT_HEADER.pack(total, 0, unique))
         return total
 
     def _error(self, w: Writer, unique: int, err: int, why: str | None = None) -> int:
@@ -241,7 +270,7 @@ class FuseServer:
     @staticmethod
     def _reply(w: Writer, data: bytes) -> int:
         try:
-            w.write_at(abi.OUT_HEADER.size, data)
+            w.write_at(16, data)
         except EOFError:
             raise FsError(errno.ERANGE, "reply does not fit the guest's buffer") from None
         return len(data)
@@ -344,7 +373,7 @@ class FuseServer:
                 wt.cancel()
 
     def _op_getattr(self, req, r, w):
-        flags, _, fh = abi.GETATTR_IN.unpack(r.read(abi.GETATTR_IN.size))
+        flags, _, fh = _GETATTR_IN_UNPACK(r.read(16))
         attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
         return self._reply(w, encode_attr_out(attr, t))
 
