@@ -74,13 +74,18 @@ class Entry:
     attr_timeout: float = 1.0
 
 
-@dataclass
 class DirEntry:
     """One directory entry; ``offset`` is the cookie that continues the listing *after* it."""
-    name: bytes
-    ino: int
-    type: int  # DT_* value
-    offset: int
+    __slots__ = ("name", "ino", "type", "offset")
+
+    def __init__(self, name: bytes, ino: int, type: int, offset: int):
+        self.name = name
+        self.ino = ino
+        self.type = type  # DT_* value
+        self.offset = offset
+
+    def __repr__(self) -> str:
+        return f"DirEntry({self.name!r}, ino={self.ino}, type={self.type}, offset={self.offset})"
 
 
 @dataclass

@@ -115,17 +115,21 @@ def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0
 _DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the name
 
 
-def getdents64(fd: int, bufsize: int = 32768) -> list[tuple[bytes, int, int, int]]:
-    """One getdents64 call: [(name, ino, type, next_offset), ...]; empty at the end."""
+def getdents64(fd: int, bufsize: int = 32768) -> bytes:
+    """One getdents64 call: the raw records (empty at the end); parse with iter_dirents."""
     buf = ctypes.create_string_buffer(bufsize)
     n = _check(_syscall(SYS_getdents64, fd, buf, ctypes.c_uint(bufsize)), "getdents64")
-    raw = buf.raw[:n]
-    out = []
+    return ctypes.string_at(buf, n)
+
+
+def iter_dirents(raw: bytes):
+    """(name, ino, type, next_offset) for each record, parsed lazily: a caller that stops
+    early (a full reply buffer) pays only for what it used."""
     pos = 0
+    n = len(raw)
     unpack = _DIRENT64.unpack_from
+    find = raw.index
     while pos < n:
         ino, off, reclen, dtype = unpack(raw, pos)
-        name_end = raw.index(b"\0", pos + 19, pos + reclen)
-        out.append((raw[pos + 19:name_end], ino, dtype, off))
+        yield raw[pos + 19:find(b"\0", pos + 19, pos + reclen)], ino, dtype, off
         pos += reclen
-    return out

@@ -442,15 +442,19 @@ class PassthroughFs(FileSystem):
 
     def readdir(self, inode, fh, offset):
         h = self._handle(fh)
+        # A guest reply holds a few dozen entries (4 KiB, ~24 with READDIRPLUS), so start
+        # with a small read and grow only for callers that keep going.
+        bufsize = 2048
         while True:
             with h.lock:  # the fd's position is shared; hold it only for seek + read
                 os.lseek(h.fd, offset, os.SEEK_SET)
-                batch = linux.getdents64(h.fd)
-            if not batch:
+                raw = linux.getdents64(h.fd, bufsize)
+            if not raw:
                 return
-            for name, ino, dtype, off in batch:
+            for name, ino, dtype, off in linux.iter_dirents(raw):
                 yield DirEntry(name, ino, dtype, off)
-            offset = batch[-1][3]
+                offset = off
+            bufsize = min(bufsize * 4, 65536)
 
     def statfs(self, inode):
         return os.statvfs(self._inode(inode).fd)
