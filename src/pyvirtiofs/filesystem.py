@@ -64,14 +64,20 @@ class Attr:
     st_ctime_ns: int = 0
 
 
-@dataclass
 class Entry:
     """The answer to a lookup: a node id, its attributes and how long the guest may cache them."""
-    inode: int
-    attr: object
-    generation: int = 0
-    entry_timeout: float = 1.0
-    attr_timeout: float = 1.0
+    __slots__ = ("inode", "attr", "generation", "entry_timeout", "attr_timeout")
+
+    def __init__(self, inode: int, attr, generation: int = 0, entry_timeout: float = 1.0,
+                 attr_timeout: float = 1.0):
+        self.inode = inode
+        self.attr = attr
+        self.generation = generation
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+
+    def __repr__(self) -> str:
+        return f"Entry(inode={self.inode}, generation={self.generation})"
 
 
 class DirEntry:

@@ -133,6 +133,16 @@ class PassthroughFs(FileSystem):
 
     def _entry(self, parent: _Inode, name: bytes) -> Entry:
         """Resolve one name under parent and take a lookup reference on the result."""
+        # Most lookups find an inode we already hold: fstatat (no symlink following) tells
+        # which, and spares the open and close of a new O_PATH fd.
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        with self._lock:
+            ino = self._by_key.get((st.st_dev, st.st_ino))
+            if ino is not None:
+                ino.refs += 1
+        if ino is not None:
+            t = self.cache.timeout
+            return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
         return self._entry_from_fd(os.open(name, _PATH_FLAGS, dir_fd=parent.fd))
 
     def _entry_from_fd(self, fd: int) -> Entry:

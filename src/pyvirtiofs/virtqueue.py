@@ -41,6 +41,7 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 
 _DESC = struct.Struct("<QIHH")
+_DESC_ITER = _DESC.iter_unpack
 _fence_lock = threading.Lock()
 
 
@@ -298,10 +299,15 @@ class Virtqueue:
                     raise ChainError("descriptor has both INDIRECT and NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table of {length} bytes")
-                try:
-                    table = list(_DESC.iter_unpack(memory.view(addr, length)))
-                except GuestMemoryError as e:
-                    raise ChainError(str(e)) from None
+                off = addr - region.guest_phys_addr if region is not None else -1
+                if 0 <= off and off + length <= region.size:
+                    tview = region.view[off:off + length]
+                else:
+                    try:
+                        tview = memory.view(addr, length)
+                    except GuestMemoryError as e:
+                        raise ChainError(str(e)) from None
+                table = list(_DESC_ITER(tview))
                 count = len(table)
                 seen = 0
                 desc = table[0]
@@ -309,7 +315,15 @@ class Virtqueue:
             if length:
                 off = addr - region.guest_phys_addr if region is not None else -1
                 if 0 <= off and off + length <= region.size:
-                    views = (region.view[off:off + length],)
+                    view = region.view[off:off + length]
+                    if flags & 2:  # VIRTQ_DESC_F_WRITE
+                        writable.append(view)
+                        wlen += length
+                    elif writable:
+                        raise ChainError("device-readable descriptor after a device-writable one")
+                    else:
+                        readable.append(view)
+                        rlen += length
                 else:
                     try:
                         views = memory.slices(addr, length)
@@ -318,14 +332,14 @@ class Virtqueue:
                     found = memory._find(addr)
                     if found is not None:
                         region = self._region_hint = found
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.extend(views)
-                    wlen += length
-                elif writable:
-                    raise ChainError("device-readable descriptor after a device-writable one")
-                else:
-                    readable.extend(views)
-                    rlen += length
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.extend(views)
+                        wlen += length
+                    elif writable:
+                        raise ChainError("device-readable descriptor after a device-writable one")
+                    else:
+                        readable.extend(views)
+                        rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable, rlen, wlen)
             if nxt >= count:
