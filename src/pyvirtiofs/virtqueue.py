@@ -315,15 +315,7 @@ class Virtqueue:
             if length:
                 off = addr - region.guest_phys_addr if region is not None else -1
                 if 0 <= off and off + length <= region.size:
-                    view = region.view[off:off + length]
-                    if flags & 2:  # VIRTQ_DESC_F_WRITE
-                        writable.append(view)
-                        wlen += length
-                    elif writable:
-                        raise ChainError("device-readable descriptor after a device-writable one")
-                    else:
-                        readable.append(view)
-                        rlen += length
+                    views = (region.view[off:off + length],)
                 else:
                     try:
                         views = memory.slices(addr, length)
@@ -332,14 +324,14 @@ class Virtqueue:
                     found = memory._find(addr)
                     if found is not None:
                         region = self._region_hint = found
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        writable.extend(views)
-                        wlen += length
-                    elif writable:
-                        raise ChainError("device-readable descriptor after a device-writable one")
-                    else:
-                        readable.extend(views)
-                        rlen += length
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.extend(views)
+                    wlen += length
+                elif writable:
+                    raise ChainError("device-readable descriptor after a device-writable one")
+                else:
+                    readable.extend(views)
+                    rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable, rlen, wlen)
             if nxt >= count:
