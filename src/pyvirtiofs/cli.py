@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["error", "warn", "warning", "info", "debug", "off"])
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
-    p.add_argument("--thread-pool-size", type=int, default=0, help="accepted for compatibility")
+    p.add_argument("--thread-pool-size", type=int, default=0,
+                   help="threads that take requests off a queue when several wait (default 0: "
+                        "each queue's own thread serves them in turn)")
     p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default=None,
                    help="confine the daemon to the shared directory: new namespaces + "
                         "pivot_root, chroot, or nothing (default namespace as root, else none)")
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         _remove(cleanup[:1])
         log.info("frontend connected")
-        backend = VhostUserBackend(VirtioFsDevice(fs))
+        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=args.thread_pool_size))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")

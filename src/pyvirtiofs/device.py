@@ -4,6 +4,8 @@ worker thread (see :mod:`pyvirtiofs.queue_worker`), so hiprio never waits behind
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from .filesystem import FileSystem
 from .fuse.server import FuseServer
 
@@ -11,7 +13,7 @@ HIPRIO_QUEUE = 0
 
 
 class VirtioFsDevice:
-    def __init__(self, fs: FileSystem, num_request_queues: int = 255):
+    def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
         # num-request-queues property asks for and leaves the rest untouched.  At most 256
         # queues in all: SET_VRING_KICK/CALL/ERR name their ring in 8 bits (vhost-user.rst),
@@ -19,6 +21,9 @@ class VirtioFsDevice:
         self.fs = fs
         self.server = FuseServer(fs)
         self.num_queues = 1 + num_request_queues
+        # Shared by the request queues; only used when a queue has several requests waiting.
+        self.pool = (ThreadPoolExecutor(thread_pool_size, thread_name_prefix="pool")
+                     if thread_pool_size > 0 else None)
 
     def queue_handler(self, index: int):
         return self.server.handle

@@ -1,5 +1,9 @@
 """One thread per started virtqueue: wait for kicks, pop chains, hand them to a request
-handler, publish the replies, and interrupt the guest once per batch."""
+handler, publish the replies, and interrupt the guest once per batch.
+
+With a thread pool (``--thread-pool-size``), a worker that finds several requests waiting hands
+all but the last to the pool, so a slow request (fsync, a cold read) does not hold up the
+others; a lone request is still served inline, which is the fastest path."""
 
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ NOTIFY_EVERY = 32  # interrupt the guest at least this often while a batch is lo
 
 class QueueWorker:
     def __init__(self, vq: Virtqueue, handle: Callable[..., int], name: str,
-                 cancel_pending: Callable[..., None] | None = None):
+                 cancel_pending: Callable[..., None] | None = None, pool=None):
         self.vq = vq
         self.handle = handle
         self.cancel_pending = cancel_pending
+        self.pool = pool  # a concurrent.futures executor, or None
         self._deferred = 0  # requests answered later, from other threads
         self._cond = threading.Condition()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -84,6 +89,15 @@ class QueueWorker:
             log.exception("queue %d worker failed", vq.index)
             self._broken(f"internal error: {e}")
 
+    def _pooled(self, chain: DescriptorChain) -> None:
+        try:
+            n = self.handle(chain, self.complete)
+        except Exception:  # handle() answers errors itself; this is a bug of ours
+            log.exception("queue %d: pooled request failed", self.vq.index)
+            n = 0
+        if n != DEFERRED:  # a waiting lock completes (and is counted) later
+            self.complete(chain.head, n)
+
     def _broken(self, why: str) -> None:
         log.error("queue %d is broken and stops until the device is reset: %s", self.vq.index, why)
         self.vq.broken = True
@@ -105,6 +119,11 @@ class QueueWorker:
                     continue
                 if chain is None:
                     break
+                if self.pool is not None and vq.avail_count():
+                    with self._cond:
+                        self._deferred += 1
+                    self.pool.submit(self._pooled, chain)
+                    continue
                 n = handle(chain, self.complete)
                 if n == DEFERRED:
                     with self._cond:

@@ -142,7 +142,8 @@ class VhostUserBackend:
         running = vq.index in self.workers
         if should_run and not running:
             w = QueueWorker(vq, self.device.queue_handler(vq.index), f"vq{vq.index}",
-                            getattr(self.device, "cancel_pending", None))
+                            getattr(self.device, "cancel_pending", None),
+                            getattr(self.device, "pool", None))
             self.workers[vq.index] = w
             w.start()
         elif running and not should_run:
