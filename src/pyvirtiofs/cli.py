@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readonly", action="store_true", help="refuse every write with EROFS")
     p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=True,
                    help="serve extended attributes (default on)")
+    p.add_argument("--inode-file-handles", choices=["never", "prefer", "mandatory"],
+                   default="never",
+                   help="hold inodes as file handles instead of open fds (needs "
+                        "CAP_DAC_READ_SEARCH); prefer falls back to fds where handles fail")
     p.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=True,
                    help="forward POSIX record locks to the host as OFD locks (default on)")
     p.add_argument("--flock", action=argparse.BooleanOptionalAction, default=True,
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         fs = PassthroughFs(args.shared_dir, cache=args.cache, readonly=args.readonly,
-                           xattr=args.xattr, posix_locks=args.posix_lock, flock=args.flock)
+                           xattr=args.xattr, posix_locks=args.posix_lock, flock=args.flock,
+                           inode_file_handles=args.inode_file_handles)
     except (OSError, ValueError) as e:
         print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
         return 1

@@ -137,6 +137,12 @@ class FileSystem:
     def destroy(self) -> None:
         """The guest unmounted or the device was reset: drop every inode and handle."""
 
+    wants_end_request = False  # set True to have end_request() called
+
+    def end_request(self) -> None:
+        """Called after every request (in the thread that served it) when
+        ``wants_end_request`` is true: per-request clean-up."""
+
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         raise FsError(errno.ENOSYS)
 

@@ -57,16 +57,30 @@ class CachePolicy:
 
 
 class _Inode:
-    __slots__ = ("nodeid", "fd", "key", "refs", "is_symlink", "is_dir", "is_regular")
+    """An inode the guest holds: an O_PATH fd, or (--inode-file-handles) a file handle that
+    is opened for the length of one request only."""
+    __slots__ = ("nodeid", "_fd", "handle", "opener", "key", "refs", "is_symlink", "is_dir",
+                 "is_regular")
 
-    def __init__(self, nodeid, fd, key, mode):
+    def __init__(self, nodeid, fd, key, mode, handle=None, opener=None):
         self.nodeid = nodeid
-        self.fd = fd
+        self._fd = fd
+        self.handle = handle
+        self.opener = opener
         self.key = key
         self.refs = 1
         self.is_symlink = stat.S_ISLNK(mode)
         self.is_dir = stat.S_ISDIR(mode)
         self.is_regular = stat.S_ISREG(mode)
+
+    @property
+    def fd(self) -> int:
+        fd = self._fd
+        return fd if fd is not None else self.opener(self)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class _Handle:
@@ -81,7 +95,8 @@ class _Handle:
 
 class PassthroughFs(FileSystem):
     def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
-                 xattr: bool = True, posix_locks: bool = True, flock: bool = True):
+                 xattr: bool = True, posix_locks: bool = True, flock: bool = True,
+                 inode_file_handles: str = "never"):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"shared directory {root!r} is not a directory")
@@ -91,6 +106,12 @@ class PassthroughFs(FileSystem):
         self.capabilities = Capabilities(posix_locks=posix_locks, flock_locks=flock)
         self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
         self._is_root = os.geteuid() == 0
+        if inode_file_handles not in ("never", "prefer", "mandatory"):
+            raise ValueError(f"--inode-file-handles={inode_file_handles}: never, prefer or "
+                             "mandatory")
+        self.file_handles = inode_file_handles
+        self.wants_end_request = inode_file_handles != "never"
+        self._request_fds = threading.local()  # fds opened from handles for one request
         # Reopening an O_PATH fd goes through /proc/self/fd/N, relative to this directory fd,
         # so it keeps working after a chroot into the shared directory.
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -107,6 +128,18 @@ class PassthroughFs(FileSystem):
         fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.stat(fd)
         root = _Inode(ROOT_INODE, fd, (st.st_dev, st.st_ino), st.st_mode)
+        self._root_mount_id = None
+        self._mount_fd = None  # open_by_handle_at wants a real (not O_PATH) fd on the mount
+        if self.file_handles != "never":
+            self._mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _, self._root_mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
+            except OSError as e:
+                if self.file_handles == "mandatory":
+                    raise ValueError(f"file handles unsupported on {self.root}: {e}") from None
+                log.warning("file handles unsupported on %s (%s): using fds", self.root, e)
+                self.file_handles = "never"
+                self.wants_end_request = False
         root.refs = 1 << 62  # never forgotten
         self._inodes = {ROOT_INODE: root}
         self._by_key = {root.key: root}
@@ -153,10 +186,19 @@ class PassthroughFs(FileSystem):
             os.close(fd)
             raise
         key = (st.st_dev, st.st_ino)
+        handle = None
+        if self.file_handles != "never" and key not in self._by_key:
+            handle = self._handle_of(fd)
         with self._lock:
             ino = self._by_key.get(key)
             if ino is not None:
                 ino.refs += 1
+            elif handle is not None:
+                # Keep the handle, not the fd: a million inodes need no million fds.
+                ino = _Inode(self._next_nodeid, None, key, st.st_mode, handle, self._open_handle)
+                self._next_nodeid += 1
+                self._inodes[ino.nodeid] = ino
+                self._by_key[key] = ino
             else:
                 ino = _Inode(self._next_nodeid, fd, key, st.st_mode)
                 self._next_nodeid += 1
@@ -170,7 +212,43 @@ class PassthroughFs(FileSystem):
 
     def _reopen(self, ino: _Inode, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (never a path the guest could swap)."""
+        if ino.handle is not None:
+            return linux.open_by_handle_at(self._mount_fd, ino.handle, flags)
         return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
+    # -- file handles (--inode-file-handles) ------------------------------------------------
+    def _handle_of(self, fd: int) -> bytes | None:
+        try:
+            handle, mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
+        except OSError as e:
+            if self.file_handles == "mandatory":
+                raise FsError(errno.EOPNOTSUPP, f"no file handle: {e}") from None
+            return None
+        if mount_id != self._root_mount_id:
+            # Another mount below the share: its handles need its own mount fd; keep the fd.
+            if self.file_handles == "mandatory":
+                raise FsError(errno.EOPNOTSUPP, "file on another mount")
+            return None
+        return handle
+
+    def _open_handle(self, ino: _Inode) -> int:
+        """An O_PATH fd for a handle-backed inode, shared by the rest of this request and
+        closed by end_request()."""
+        fds = getattr(self._request_fds, "fds", None)
+        if fds is None:
+            fds = self._request_fds.fds = {}
+        fd = fds.get(ino.nodeid)
+        if fd is None:
+            fd = linux.open_by_handle_at(self._mount_fd, ino.handle, os.O_PATH | os.O_NOFOLLOW)
+            fds[ino.nodeid] = fd
+        return fd
+
+    def end_request(self) -> None:
+        fds = getattr(self._request_fds, "fds", None)
+        if fds:
+            self._request_fds.fds = {}
+            for fd in fds.values():
+                os.close(fd)
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -206,12 +284,14 @@ class PassthroughFs(FileSystem):
         for h in handles.values():
             os.close(h.fd)
         for i in inodes:
-            os.close(i.fd)
+            i.close()
 
     def close(self) -> None:
         self.destroy()
         os.close(self._inodes[ROOT_INODE].fd)
         os.close(self._proc_fd)
+        if self._mount_fd is not None:
+            os.close(self._mount_fd)
 
     # -- names ----------------------------------------------------------------------------
     def lookup(self, parent, name, ctx):
@@ -231,7 +311,7 @@ class PassthroughFs(FileSystem):
             del self._inodes[inode]
             if self._by_key.get(ino.key) is ino:
                 del self._by_key[ino.key]
-        os.close(ino.fd)
+        ino.close()
 
     def getattr(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd

@@ -44,8 +44,10 @@ def daemon_argv(socket_path: str, shared_dir: str) -> list[str]:
     if external:
         extra = shlex.split(os.environ.get("PYVIRTIOFS_E2E_DAEMON_ARGS", DEFAULT_EXTERNAL_ARGS))
         return [external, f"--socket-path={socket_path}", f"--shared-dir={shared_dir}", *extra]
+    # PYVIRTIOFS_E2E_ARGS: extra pyvirtiofsd options for a whole run (e.g. the sandbox,
+    # seccomp or --inode-file-handles variants)
     return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={socket_path}",
-            f"--shared-dir={shared_dir}"]
+            f"--shared-dir={shared_dir}", *shlex.split(os.environ.get("PYVIRTIOFS_E2E_ARGS", ""))]
 
 
 def daemon_env() -> dict[str, str]:

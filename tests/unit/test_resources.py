@@ -3,6 +3,7 @@ inode holds an O_PATH fd, so a tight --rlimit-nofile makes lookups fail with EMF
 forgetting inodes makes room again."""
 
 import errno
+import os
 import time
 
 import pytest
@@ -36,3 +37,30 @@ def test_fd_exhaustion_answers_emfile_and_recovers(start_daemon, tmp_path):
             time.sleep(0.05)
     assert entry.attr.size == 1
     assert c.getattr(1).attr.mode & 0o040000
+
+
+@pytest.mark.parametrize("mode", ["prefer", "mandatory"])
+def test_inode_file_handles_need_no_fd_per_inode(start_daemon, tmp_path, mode):
+    """With --inode-file-handles, 300 looked-up inodes fit under a 96-fd limit, and every
+    operation on them still works (the fd is opened from the handle for one request)."""
+    shared = tmp_path / "shared"
+    (shared / "dir").mkdir(parents=True)
+    for i in range(300):
+        (shared / "dir" / f"f{i}").write_text(f"content {i}")
+    d = start_daemon(shared, extra_args=["--rlimit-nofile=96", f"--inode-file-handles={mode}"])
+    c = d.client()
+    dirent = c.lookup(1, "dir")
+    nodes = [c.lookup(dirent.nodeid, f"f{i}").nodeid for i in range(300)]
+    assert len(set(nodes)) == 300
+    assert len(os.listdir(f"/proc/{d.pid}/fd")) < 60
+    o = c.open(nodes[123], os.O_RDWR)
+    assert c.read(nodes[123], o.fh, 0, 100) == b"content 123"
+    c.write(nodes[123], o.fh, 0, b"C")
+    c.release(nodes[123], o.fh)
+    assert (shared / "dir" / "f123").read_text() == "Content 123"
+    entry, opened = c.create(dirent.nodeid, "new")
+    c.release(entry.nodeid, opened.fh)
+    c.rename(dirent.nodeid, "new", 1, "moved")
+    assert (shared / "moved").exists()
+    assert len(c.listdir(dirent.nodeid)) >= 300
+    assert len(os.listdir(f"/proc/{d.pid}/fd")) < 60

@@ -196,6 +196,8 @@ class FuseServer:
         self.flags = 0  # negotiated
         self.proto_minor = 0
         self._init_lock = threading.Lock()
+        # Only file systems that need per-request clean-up pay for the call.
+        self._end_request = fs.end_request if fs.wants_end_request else None
         self._waiters: dict[int, _LockWaiter] = {}
         self._waiters_lock = threading.Lock()
         self._handlers = {}
@@ -209,6 +211,14 @@ class FuseServer:
                complete: Callable[[int, int], None] | None = None) -> int:
         """Serve one request; returns the number of reply bytes written (0: no reply), or
         DEFERRED when the reply will be delivered later through ``complete(head, length)``."""
+        if self._end_request is None:
+            return self._handle(chain, complete)
+        try:
+            return self._handle(chain, complete)
+        finally:
+            self._end_request()
+
+    def _handle(self, chain, complete):
         r = chain.reader()
         w = chain.writer()
         try:
