@@ -16,7 +16,7 @@ def test_sandbox_confines_the_daemon(start_daemon, tmp_path, mode):
     shared.mkdir()
     (shared / "inside").write_text("in the share")
     d = start_daemon(shared, extra_args=[f"--sandbox={mode}", "--seccomp=kill"])
-    d.wait_log("sandbox:")
+    d.wait_log("seccomp filter installed")
     pid = d.pid
     assert sorted(os.listdir(f"/proc/{pid}/root")) == ["inside"]
     mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "mnt", "ipc", "uts")}
