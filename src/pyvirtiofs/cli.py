@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                       os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         cleanup = [(dfd, os.path.basename(args.socket_path)), (dfd, os.path.basename(pid_path))]
     try:
+        if args.sandbox == "namespace":
+            child = sandbox.fork_into_pid_namespace()
+            if child:
+                listener.close()
+                return _supervise(child, cleanup)
+            fs.reopen_proc_fd()
         sandbox.enter(args.sandbox, args.shared_dir)
         sandbox.drop_capabilities(keep_caps)
         seccomp.install(args.seccomp)
@@ -179,6 +185,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _supervise(child: int, cleanup: list[tuple[int, str]]) -> int:
+    """The parent outside the PID namespace: forward stop signals to the daemon, wait for
+    it, clean up, and exit as it did (the pid file names this process)."""
+    def forward(signum, frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _, status = os.waitpid(child, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _remove(cleanup)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
 
 
 def _remove(entries: list[tuple[int, str]]) -> None:

@@ -210,6 +210,12 @@ class PassthroughFs(FileSystem):
         t = self.cache.timeout
         return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
 
+    def reopen_proc_fd(self) -> None:
+        """After a fork: /proc/self/fd must be the new process's own fd table."""
+        old = self._proc_fd
+        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.close(old)
+
     def _reopen(self, ino: _Inode, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (never a path the guest could swap)."""
         if ino.handle is not None:

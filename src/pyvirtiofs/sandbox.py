@@ -2,10 +2,11 @@
 
 * ``chroot``: chroot(2) into the shared directory.  The daemon reaches files only through the
   root fd and the /proc/self/fd directory fd it opened before, so nothing else is needed.
-* ``namespace``: new mount, network, IPC and UTS namespaces, then pivot_root(2) into the shared
-  directory with the old root detached, so not even a bug of ours can name a host path outside
-  the share; no network exists for the process.  (virtiofsd also makes a PID namespace, which
-  needs a fork; we do not, and say so in the README.)
+* ``namespace``: a new PID namespace (the daemon forks: a small supervisor keeps the pid file's
+  pid and forwards signals, the child serving the guest sees no other process), then new mount,
+  network, IPC and UTS namespaces and pivot_root(2) into the shared directory with the old
+  root detached, so not even a bug of ours can name a host path outside the share; no network
+  exists for the process.
 * ``none``: nothing (tests, or when an outer sandbox does the job).
 
 Capabilities are reduced to what a passthrough file server uses (``--modcaps`` adjusts).
@@ -88,6 +89,21 @@ def enter(mode: str, shared_dir: str) -> None:
     else:
         raise SandboxError(f"unknown sandbox mode {mode!r}")
     log.info("sandbox: %s into %s", mode, shared_dir)
+
+
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+
+
+def fork_into_pid_namespace() -> int:
+    """unshare(CLONE_NEWPID) and fork: the child is PID 1 of a new PID namespace, where it
+    sees no other process.  Returns the child's pid in the parent and 0 in the child, which
+    dies with the parent.  Call before any thread starts."""
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    pid = os.fork()
+    if pid == 0:
+        _libc.prctl(PR_SET_PDEATHSIG, 15, 0, 0, 0)  # SIGTERM when the supervisor goes
+    return pid
 
 
 def parse_modcaps(spec: str | None) -> set[str]:

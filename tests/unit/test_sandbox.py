@@ -18,6 +18,13 @@ def test_sandbox_confines_the_daemon(start_daemon, tmp_path, mode):
     d = start_daemon(shared, extra_args=[f"--sandbox={mode}", "--seccomp=kill"])
     d.wait_log("seccomp filter installed")
     pid = d.pid
+    if mode == "namespace":
+        # the pid file names the supervisor; its one child serves, as PID 1 of its namespace
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        assert len(children) == 1, children
+        pid = int(children[0])
+        assert os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        assert re.search(r"NSpid:\s*\d+\s+1\b", open(f"/proc/{pid}/status").read())
     assert sorted(os.listdir(f"/proc/{pid}/root")) == ["inside"]
     mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "mnt", "ipc", "uts")}
     theirs = {ns: os.readlink(f"/proc/{pid}/ns/{ns}") for ns in mine}
