@@ -204,3 +204,23 @@ def test_tmpfile_is_unnamed_until_linked(client, share):
     assert w.error == 0
     assert client.call(Opcode.LINK, 1, struct.pack("<Q", nodeid) + b"named\0").error == 0
     assert (share / "named").read_bytes() == b"tmp"
+
+
+def test_fsync_fdatasync_and_syncfs_reach_the_host_file(client, share, monkeypatch):
+    """Data the guest has FSYNCed must be on the host's disk: the daemon must call the real
+    fsync/fdatasync on the host file behind the handle, and syncfs for SYNCFS."""
+    from pyvirtiofs import linux
+    calls = []
+    real_fsync, real_fdatasync, real_syncfs = os.fsync, os.fdatasync, linux.syncfs
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(("fdatasync", os.fstat(fd).st_ino)), real_fdatasync(fd))[1])
+    monkeypatch.setattr(linux, "syncfs", lambda fd: (calls.append(("syncfs", 0)), real_syncfs(fd))[1])
+    r = client.call(Opcode.CREATE, 1, struct.pack("<IIII", os.O_RDWR, 0o100644, 0, 0) + b"d\0")
+    nodeid = struct.unpack_from("<Q", r.body)[0]
+    fh = struct.unpack_from("<Q", r.body, 128)[0]
+    ino = (share / "d").stat().st_ino
+    assert client.call(Opcode.WRITE, nodeid, struct.pack("<QQIIQII", fh, 0, 4, 0, 0, 0, 0) + b"data").error == 0
+    assert client.call(Opcode.FSYNC, nodeid, struct.pack("<QII", fh, 0, 0)).error == 0
+    assert client.call(Opcode.FSYNC, nodeid, struct.pack("<QII", fh, 1, 0)).error == 0
+    assert client.call(Opcode.SYNCFS, 1, bytes(8)).error == 0
+    assert calls == [("fsync", ino), ("fdatasync", ino), ("syncfs", 0)]
