@@ -38,6 +38,13 @@ def lk(fh, owner, start, end, type_, flock=False):
     return struct.pack("<QQQQIIII", fh, owner, start, end, type_, 0, 1 if flock else 0, 0)
 
 
+def setlkw_chain(nodeid, unique, lock_args, head=3):
+    """A SETLKW request as a chain of its own, and the buffer its reply will land in."""
+    writable = [memoryview(bytearray(64))]
+    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, unique, nodeid, 0, 0, 1, 0, 0)
+    return DescriptorChain(head, [memoryview(bytearray(hdr + lk(*lock_args)))], writable), writable
+
+
 def test_guest_posix_lock_excludes_host_process(setup):
     c, nodeid, fh, path = setup
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, 9, fcntl.F_WRLCK)).error == 0
@@ -88,9 +95,7 @@ def test_setlkw_waits_off_the_queue_and_is_granted(setup):
         result["n"] = n
         done.set()
 
-    writable = [memoryview(bytearray(64))]
-    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 77, nodeid, 0, 0, 1, 0, 0)
-    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    chain, writable = setlkw_chain(nodeid, 77, (fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK))
     assert c.server.handle(chain, complete) == DEFERRED
     # other requests are served meanwhile
     assert c.call(Opcode.GETATTR, nodeid, bytes(16)).error == 0
@@ -107,9 +112,7 @@ def test_setlkw_is_interruptible(setup):
     host = open(path, "r+")
     fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
     done = threading.Event()
-    writable = [memoryview(bytearray(64))]
-    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 78, nodeid, 0, 0, 1, 0, 0)
-    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    chain, writable = setlkw_chain(nodeid, 78, (fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK))
     assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
     assert c.call(Opcode.INTERRUPT, 0, struct.pack("<Q", 78)) is None
     assert done.wait(5)
@@ -123,14 +126,10 @@ def test_a_wait_that_would_deadlock_gets_edeadlk(setup):
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 1, 0, 9, fcntl.F_WRLCK)).error == 0
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_WRLCK)).error == 0
     done = threading.Event()
-    writable = [memoryview(bytearray(64))]
-    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 90, nodeid, 0, 0, 1, 0, 0)
-    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 1, 20, 29, fcntl.F_WRLCK)))], writable)
+    chain, writable = setlkw_chain(nodeid, 90, (fh, 1, 20, 29, fcntl.F_WRLCK))
     assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
     # owner 2 now waiting for [0,9] would close the cycle: EDEADLK at once
-    hdr2 = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 91, nodeid, 0, 0, 1, 0, 0)
-    w2 = [memoryview(bytearray(64))]
-    chain2 = DescriptorChain(4, [memoryview(bytearray(hdr2 + lk(fh, 2, 0, 9, fcntl.F_WRLCK)))], w2)
+    chain2, w2 = setlkw_chain(nodeid, 91, (fh, 2, 0, 9, fcntl.F_WRLCK), head=4)
     n = c.server.handle(chain2, lambda h, n: None)
     assert n != DEFERRED and Reply(bytes(w2[0])[:n]).errno == errno.EDEADLK
     # owner 2 unlocks: owner 1's wait is granted
@@ -144,9 +143,7 @@ def test_closing_the_file_cancels_the_owners_waiting_lock(setup):
     host = open(path, "r+")
     fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
     done = threading.Event()
-    writable = [memoryview(bytearray(64))]
-    hdr = struct.pack("<IIQQIIIHH", 88, Opcode.SETLKW, 79, nodeid, 0, 0, 1, 0, 0)
-    chain = DescriptorChain(3, [memoryview(bytearray(hdr + lk(fh, 42, 0, OFFSET_MAX, fcntl.F_WRLCK)))], writable)
+    chain, writable = setlkw_chain(nodeid, 79, (fh, 42, 0, OFFSET_MAX, fcntl.F_WRLCK))
     assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
     # the waiting process dies: its close sends FLUSH with its lock owner
     assert c.call(Opcode.FLUSH, nodeid, struct.pack("<QIIQ", fh, 0, 0, 42)).error == 0
