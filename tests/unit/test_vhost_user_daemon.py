@@ -271,15 +271,21 @@ def test_get_vring_base_stops_the_ring(daemon):
     assert fe.stop_queue(1) == q.avail_idx == base + 1
 
 
+def _host_locked_file(daemon) -> int:
+    """A file in the share that a host process (this one) holds write-locked; returns the fd."""
+    path = Path(daemon.shared_dir) / "locked"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def test_get_vring_base_finishes_a_waiting_request(daemon):
     """A SETLKW waiting for a host lock when its ring is stopped is answered (EINTR) before
     GET_VRING_BASE returns: no request is left behind on a stopped ring."""
     c = daemon.client()
-    path = Path(daemon.shared_dir) / "locked"
-    path.write_bytes(b"x")
-    fd = os.open(path, os.O_RDWR)
+    fd = _host_locked_file(daemon)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
         e = c.lookup(FUSE_ROOT_ID, "locked")
         o = c.open(e.nodeid, os.O_RDWR)
         q = c.fe.queues[1]
@@ -452,11 +458,8 @@ def test_frontend_dies_while_a_request_waits(daemon):
     """A SETLKW waiting for a host lock must not keep the daemon alive after its frontend
     is gone."""
     c = daemon.client()
-    path = Path(daemon.shared_dir) / "locked"
-    path.write_bytes(b"x")
-    fd = os.open(path, os.O_RDWR)
+    fd = _host_locked_file(daemon)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
         e = c.lookup(FUSE_ROOT_ID, "locked")
         o = c.open(e.nodeid, os.O_RDWR)
         c.submit(Op.SETLKW, e.nodeid, [F.LK_IN.pack(o.fh, 5, 0, 10, fcntl.F_WRLCK, 1, 0, 0)])
