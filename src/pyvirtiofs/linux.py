@@ -18,7 +18,6 @@ SYS_getdents64 = 217
 SYS_setfsuid = 122
 SYS_setfsgid = 123
 SYS_renameat2 = 316
-SYS_openat2 = 437
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -28,10 +27,6 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 
 
 def _check(ret: int, what: str) -> int:
@@ -99,17 +94,6 @@ _syncfs = _libc.syncfs
 
 def syncfs(fd: int) -> None:
     _check(_syncfs(fd), "syncfs")
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-def openat2(dirfd: int, path: bytes, flags: int, mode: int = 0, resolve: int = 0) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    return _check(_syscall(SYS_openat2, dirfd, ctypes.c_char_p(path), ctypes.byref(how),
-                           ctypes.c_size_t(ctypes.sizeof(how))), "openat2")
 
 
 _DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the name

@@ -255,14 +255,9 @@ class Virtqueue:
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain.  Raises ChainError (chain is returned unused
         automatically) or QueueBroken."""
-        avail16 = self._avail16
-        n = (avail16[1] - self.next_avail) & 0xFFFF
-        if n == 0:
+        if self.avail_count() == 0:
             return None
-        if n > self.size:
-            raise QueueBroken(
-                f"queue {self.index}: avail index moved by {n}, more than the queue size {self.size}")
-        head = avail16[2 + (self.next_avail % self.size)]
+        head = self._avail16[2 + (self.next_avail % self.size)]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head descriptor {head} >= queue size {self.size}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import stat
 import struct
 import threading
 from typing import Callable
@@ -690,9 +689,3 @@ def _opname(opcode: int) -> str:
         return Opcode(opcode).name
     except ValueError:
         return f"opcode {opcode}"
-
-
-def file_type(mode: int) -> int:
-    """DT_* value for a st_mode."""
-    return stat.S_IFMT(mode) >> 12
-
