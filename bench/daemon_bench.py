@@ -874,7 +874,6 @@ def memory_test(drv: Driver, pid: int, nfiles: int, qd: int = 16) -> dict:
     mdir = c.lookup(1, "mem").nodeid
     mm = drv.mm
     slots = [drv.slot(F.Op.LOOKUP, mdir, [b"f0000000\0"], [ENTRY]) for _ in range(qd)]
-    name_off = [s.arg_offs[0] for s in slots]  # noqa: F841
 
     def prep(s, i):
         mm[s.arg_offs[0]:s.arg_offs[0] + 8] = b"f%07d" % i

@@ -9,8 +9,8 @@ import ctypes
 import os
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
+libc = ctypes.CDLL(None, use_errno=True)  # shared by every ctypes caller in the package
+_syscall = libc.syscall
 _syscall.restype = ctypes.c_long
 
 # x86-64 system call numbers
@@ -29,7 +29,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 
-def _check(ret: int, what: str) -> int:
+def check(ret: int, what: str) -> int:
+    """Turn a failed libc/syscall return (negative, errno set) into an OSError."""
     if ret < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
@@ -46,54 +47,54 @@ def setfsgid(gid: int) -> int:
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
-    _check(_syscall(SYS_renameat2, olddirfd, ctypes.c_char_p(oldname), newdirfd,
+    check(_syscall(SYS_renameat2, olddirfd, ctypes.c_char_p(oldname), newdirfd,
                     ctypes.c_char_p(newname), ctypes.c_uint(flags)), "renameat2")
 
 
-_fchownat = _libc.fchownat
+_fchownat = libc.fchownat
 
 
 def fchownat_empty(fd: int, uid: int, gid: int) -> None:
     """chown the file an O_PATH fd refers to (works on symlinks too, never follows)."""
-    _check(_fchownat(fd, b"", ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF),
+    check(_fchownat(fd, b"", ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF),
                      AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
 
 
-_linkat = _libc.linkat
+_linkat = libc.linkat
 
 
 def linkat_empty(fd: int, newdirfd: int, newname: bytes) -> None:
     """Hard-link the file an O_PATH fd refers to (needs CAP_DAC_READ_SEARCH)."""
-    _check(_linkat(fd, b"", newdirfd, ctypes.c_char_p(newname), AT_EMPTY_PATH), "linkat")
+    check(_linkat(fd, b"", newdirfd, ctypes.c_char_p(newname), AT_EMPTY_PATH), "linkat")
 
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_utimensat = _libc.utimensat
+_utimensat = libc.utimensat
 
 
 def utimensat(dirfd: int, path: bytes, atime: tuple[int, int], mtime: tuple[int, int],
               flags: int = 0) -> None:
     """Set times; each is (sec, nsec) where nsec may be UTIME_NOW or UTIME_OMIT."""
     ts = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
-    _check(_utimensat(dirfd, ctypes.c_char_p(path), ts, flags), "utimensat")
+    check(_utimensat(dirfd, ctypes.c_char_p(path), ts, flags), "utimensat")
 
 
-_fallocate = _libc.fallocate64
+_fallocate = libc.fallocate64
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    _check(_fallocate(fd, mode, offset, length), "fallocate")
+    check(_fallocate(fd, mode, offset, length), "fallocate")
 
 
-_syncfs = _libc.syncfs
+_syncfs = libc.syncfs
 
 
 def syncfs(fd: int) -> None:
-    _check(_syncfs(fd), "syncfs")
+    check(_syncfs(fd), "syncfs")
 
 
 _DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the name
@@ -102,7 +103,7 @@ _DIRENT64 = struct.Struct("<QqHB")  # d_ino d_off d_reclen d_type, then the name
 def getdents64(fd: int, bufsize: int = 32768) -> bytes:
     """One getdents64 call: the raw records (empty at the end); parse with iter_dirents."""
     buf = ctypes.create_string_buffer(bufsize)
-    n = _check(_syscall(SYS_getdents64, fd, buf, ctypes.c_uint(bufsize)), "getdents64")
+    n = check(_syscall(SYS_getdents64, fd, buf, ctypes.c_uint(bufsize)), "getdents64")
     return ctypes.string_at(buf, n)
 
 
@@ -130,7 +131,7 @@ def name_to_handle_at(dirfd: int, path: bytes, flags: int) -> tuple[bytes, int]:
     buf = ctypes.create_string_buffer(_HANDLE_HEAD.size + MAX_HANDLE_SZ)
     _HANDLE_HEAD.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
     mount_id = ctypes.c_int(0)
-    _check(_syscall(SYS_name_to_handle_at, dirfd, ctypes.c_char_p(path), buf,
+    check(_syscall(SYS_name_to_handle_at, dirfd, ctypes.c_char_p(path), buf,
                     ctypes.byref(mount_id), flags), "name_to_handle_at")
     n, _ = _HANDLE_HEAD.unpack_from(buf)
     return buf.raw[:_HANDLE_HEAD.size + n], mount_id.value
@@ -139,5 +140,5 @@ def name_to_handle_at(dirfd: int, path: bytes, flags: int) -> tuple[bytes, int]:
 def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
     """Open a file from its handle (needs CAP_DAC_READ_SEARCH); ESTALE if it is gone."""
     buf = ctypes.create_string_buffer(handle, len(handle))
-    return _check(_syscall(SYS_open_by_handle_at, mount_fd, buf, flags | os.O_CLOEXEC),
+    return check(_syscall(SYS_open_by_handle_at, mount_fd, buf, flags | os.O_CLOEXEC),
                   "open_by_handle_at")

@@ -19,9 +19,10 @@ import logging
 import os
 import resource
 
+from .linux import check, libc
+
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -34,7 +35,6 @@ MNT_DETACH = 2
 SYS_pivot_root = 155
 SYS_capget = 125
 SYS_capset = 126
-PR_CAPBSET_DROP = 24
 _CAP_VERSION_3 = 0x20080522
 
 CAPS = {
@@ -56,14 +56,8 @@ class SandboxError(Exception):
     pass
 
 
-def _check(ret: int, what: str) -> None:
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise SandboxError(f"{what}: {os.strerror(e)}")
-
-
 def _mount(src, target, fstype, flags, what):
-    _check(_libc.mount(src, target, fstype, ctypes.c_ulong(flags), None), what)
+    check(libc.mount(src, target, fstype, ctypes.c_ulong(flags), None), what)
 
 
 def enter(mode: str, shared_dir: str) -> None:
@@ -77,14 +71,14 @@ def enter(mode: str, shared_dir: str) -> None:
         os.chroot(shared)
         os.chdir("/")
     elif mode == "namespace":
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
         # Our mounts must not propagate back to the host.
         _mount(None, b"/", None, MS_REC | MS_PRIVATE, "make / private")
         _mount(shared, shared, None, MS_BIND | MS_REC, "bind the shared directory")
         os.chdir(shared)
         # pivot_root(".", "."): the old root ends up stacked on "/", then detached.
-        _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
-        _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+        check(libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
+        check(libc.umount2(b".", MNT_DETACH), "detach the old root")
         os.chdir("/")
     else:
         raise SandboxError(f"unknown sandbox mode {mode!r}")
@@ -99,10 +93,10 @@ def fork_into_pid_namespace() -> int:
     """unshare(CLONE_NEWPID) and fork: the child is PID 1 of a new PID namespace, where it
     sees no other process.  Returns the child's pid in the parent and 0 in the child, which
     dies with the parent.  Call before any thread starts."""
-    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     pid = os.fork()
     if pid == 0:
-        _libc.prctl(PR_SET_PDEATHSIG, 15, 0, 0, 0)  # SIGTERM when the supervisor goes
+        libc.prctl(PR_SET_PDEATHSIG, 15, 0, 0, 0)  # SIGTERM when the supervisor goes
     return pid
 
 
@@ -140,14 +134,14 @@ def drop_capabilities(keep: set[str]) -> None:
         part = (mask >> (32 * i)) & 0xFFFFFFFF
         data[i].effective = data[i].permitted = part
         data[i].inheritable = 0
-    _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
+    check(libc.syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
     log.info("capabilities kept: %s", ", ".join(sorted(keep)))
 
 
 def effective_capabilities() -> int:
     hdr = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
+    check(libc.syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
     return data[0].effective | (data[1].effective << 32)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import struct
+
+from .linux import check, libc
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
 _INSN = struct.Struct("=HBBI")
-_libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NO_NEW_PRIVS = 38
 SYS_seccomp = 317
 SECCOMP_SET_MODE_FILTER = 1
@@ -98,10 +98,7 @@ def install(mode: str) -> None:
     code = build_program(action)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // _INSN.size, ctypes.cast(buf, ctypes.c_void_p))
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(NO_NEW_PRIVS)")
-    if _libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
-                     ctypes.byref(prog)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"seccomp: {os.strerror(e)}")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+    check(libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
+                       ctypes.byref(prog)), "seccomp")
     log.info("seccomp filter installed (%d system calls allowed, others: %s)", len(ALLOWED), mode)

@@ -33,7 +33,6 @@ import random
 import shlex
 import stat
 import subprocess
-import sys
 import textwrap
 import time
 import traceback
