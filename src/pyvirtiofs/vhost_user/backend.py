@@ -41,7 +41,7 @@ class BadMessage(Exception):
 VIRTIO_FEATURES = m.F_VERSION_1 | m.F_INDIRECT_DESC | m.F_EVENT_IDX | m.F_PROTOCOL_FEATURES
 PROTOCOL_FEATURES = (m.PF_MQ | m.PF_REPLY_ACK | m.PF_CONFIGURE_MEM_SLOTS | m.PF_RESET_DEVICE)
 
-# Requests that carry exactly one fd (or a "no fd" flag for the vring ones).
+# Requests that act on the device and so are refused before SET_OWNER.
 _NEEDS_OWNER = {m.Request.SET_MEM_TABLE, m.Request.ADD_MEM_REG, m.Request.REM_MEM_REG,
                 m.Request.SET_VRING_NUM, m.Request.SET_VRING_ADDR, m.Request.SET_VRING_BASE,
                 m.Request.GET_VRING_BASE, m.Request.SET_VRING_KICK, m.Request.SET_VRING_CALL,
@@ -257,10 +257,9 @@ class VhostUserBackend:
         gpa, size, uaddr, off = self._single_region(msg)
         if len(self.memory.regions) >= m.MAX_MEM_SLOTS:
             raise BadMessage("no free memory slot")
-        fd = msg.fds[0] if len(msg.fds) == 1 else None
-        if fd is None:
+        if len(msg.fds) != 1:
             raise BadMessage(f"ADD_MEM_REG carries {len(msg.fds)} fds, expected 1")
-        region = MemoryRegion.from_fd(fd, gpa, size, uaddr, off)
+        region = MemoryRegion.from_fd(msg.fds[0], gpa, size, uaddr, off)
         base, replaced = self.memory, None
         if any(r.guest_phys_addr == gpa and r.size == size for r in base.regions):
             # The same slot again (QEMU re-adds its regions after a device reset): replace it.
@@ -286,7 +285,7 @@ class VhostUserBackend:
 
     def _replace_memory(self, memory: GuestMemory, release_old: bool = True) -> None:
         """Swap the memory table with the rings paused, then re-resolve the rings."""
-        running = [i for i in self.workers]
+        running = list(self.workers)
         self._stop_all()
         old, self.memory = self.memory, memory
         for vq in self.queues:
