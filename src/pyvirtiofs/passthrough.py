@@ -174,8 +174,7 @@ class PassthroughFs(FileSystem):
             if ino is not None:
                 ino.refs += 1
         if ino is not None:
-            t = self.cache.timeout
-            return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
+            return self._reply_entry(ino, st)
         return self._entry_from_fd(os.open(name, _PATH_FLAGS, dir_fd=parent.fd))
 
     def _entry_from_fd(self, fd: int) -> Entry:
@@ -193,20 +192,23 @@ class PassthroughFs(FileSystem):
             ino = self._by_key.get(key)
             if ino is not None:
                 ino.refs += 1
-            elif handle is not None:
-                # Keep the handle, not the fd: a million inodes need no million fds.
-                ino = _Inode(self._next_nodeid, None, key, st.st_mode, handle, self._open_handle)
-                self._next_nodeid += 1
-                self._inodes[ino.nodeid] = ino
-                self._by_key[key] = ino
             else:
-                ino = _Inode(self._next_nodeid, fd, key, st.st_mode)
+                # With a handle, keep the handle, not the fd: a million inodes need no
+                # million fds.  Without one, the inode takes over the fd.
+                if handle is not None:
+                    ino = _Inode(self._next_nodeid, None, key, st.st_mode, handle,
+                                 self._open_handle)
+                else:
+                    ino = _Inode(self._next_nodeid, fd, key, st.st_mode)
+                    fd = -1
                 self._next_nodeid += 1
                 self._inodes[ino.nodeid] = ino
                 self._by_key[key] = ino
-                fd = -1
         if fd >= 0:
             os.close(fd)
+        return self._reply_entry(ino, st)
+
+    def _reply_entry(self, ino: _Inode, st) -> Entry:
         t = self.cache.timeout
         return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
 
