@@ -8,17 +8,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .filesystem import FileSystem
 from .fuse.server import FuseServer
+from .vhost_user.shmem import SharedMemory
 
 HIPRIO_QUEUE = 0
 
 
 class VirtioFsDevice:
-    def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0):
+    def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0,
+                 shmem: SharedMemory | None = None):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
         # num-request-queues property asks for and leaves the rest untouched.  At most 256
         # queues in all: SET_VRING_KICK/CALL/ERR name their ring in 8 bits (vhost-user.rst),
         # so a queue numbered 256 or more could never be given its eventfds.
         self.fs = fs
+        self.shmem = shmem  # VIRTIO shared memory regions, if any (the backend offers them)
         self.server = FuseServer(fs)
         self.num_queues = 1 + num_request_queues
         # Shared by the request queues; only used when a queue has several requests waiting.

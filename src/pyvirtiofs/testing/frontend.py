@@ -14,6 +14,10 @@ It is an independent oracle: nothing here imports the daemon's own code.  Layers
 * :class:`VirtioFsFrontend` - connects and performs the same vhost-user message sequence as
   QEMU 7.2's vhost-user-fs device (see :meth:`VirtioFsFrontend.negotiate` and
   :meth:`VirtioFsFrontend.start`).
+* :class:`ShmemRegion` - with ``shmem=True``, VIRTIO shared memory regions as a QEMU with the
+  vhost-user SHMEM series holds them: GET_SHMEM_CONFIG, each region reserved PROT_NONE, the
+  backend channel served (SHMEM_MAP/UNMAP checked against the rules, the fd mapped
+  MAP_SHARED | MAP_FIXED, REPLY_ACK), every mapping dropped at reset.
 * :class:`FuseClient` - FUSE requests over the queues, with Linux 6.1's descriptor layout
   (in header, each argument, out header, each reply argument as separate descriptors, data
   split at page boundaries, indirect tables whenever negotiated); a method per opcode, and
@@ -46,6 +50,7 @@ __all__ = [
     # memory / rings / vhost-user
     "GuestRam", "MemRegion", "VhostUserConnection", "VhostUserMessage", "SplitQueue",
     "Chain", "Completion", "VirtioFsFrontend", "Req", "ProtoFeature", "VirtioFeature",
+    "BackendReq", "ShmemRegion", "ShmemMapping", "ShmemRequest",
     # FUSE
     "FuseClient", "Op", "Reply", "Attr", "EntryOut", "AttrOut", "InitOut", "OpenOut",
     "StatfsOut", "Dirent", "DirentPlus", "FileLock", "LINUX_6_1_INIT_FLAGS",
@@ -1104,6 +1109,233 @@ class SplitQueue:
 
 
 # ----------------------------------------------------------------------------------------
+# VIRTIO shared memory regions (vhost-user SHMEM), QEMU's side
+# ----------------------------------------------------------------------------------------
+
+class BackendReq(enum.IntEnum):
+    """Backend -> frontend requests on the backend channel (SET_BACKEND_REQ_FD)."""
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+    SHARED_OBJECT_ADD = 6
+    SHARED_OBJECT_REMOVE = 7
+    SHARED_OBJECT_LOOKUP = 8
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
+
+
+_SHMEM_CONFIG = struct.Struct("<II8Q")     # nregions, padding, memory_sizes[8]
+_SHMEM_MMAP = struct.Struct("<B7xQQQQ")    # shmid, padding, fd_offset, shm_offset, len, flags
+SHMEM_MAP_RW = 1                           # _SHMEM_MMAP flags bit 0: read-write, else read-only
+
+_PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _load_libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    for f in (libc.process_vm_readv, libc.process_vm_writev):
+        f.restype = ctypes.c_ssize_t
+        f.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                      ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+    return libc
+
+
+_libc = _load_libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(addr, length, prot, flags, fd=-1, offset=0) -> int:
+    got = _libc.mmap(addr, length, prot, flags, fd, offset)
+    if got is None or got == _MAP_FAILED:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap: {os.strerror(e)}")
+    return got
+
+
+class ShmemMapping(NamedTuple):
+    """One file range the backend placed in a shared memory region."""
+    offset: int          # in the region
+    length: int
+    fd_offset: int
+    writable: bool
+    dev: int             # the mapped file's st_dev / st_ino (which file it is)
+    ino: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class ShmemRegion:
+    """A VIRTIO shared memory region as QEMU holds it: an address range reserved PROT_NONE,
+    into which the backend's SHMEM_MAP places file ranges (MAP_SHARED | MAP_FIXED).
+
+    Reads and writes go through ``process_vm_readv``/``writev`` on our own process, so an
+    access to an unmapped page, past the end of a mapped file or (writes) to a read-only
+    mapping raises :class:`FrontendError` (EFAULT) where a plain load would kill us."""
+
+    def __init__(self, shmid: int, size: int):
+        self.shmid = shmid
+        self.size = size
+        self.lock = threading.Lock()
+        self._starts: list[int] = []                 # sorted mapping offsets
+        self._maps: dict[int, ShmemMapping] = {}
+        self.base = (_mmap(None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE)
+                     if size else 0)
+
+    def __repr__(self):
+        return f"<ShmemRegion {self.shmid} size={self.size:#x} mappings={len(self._maps)}>"
+
+    # -- table ---------------------------------------------------------------------------
+    def mappings(self) -> list[ShmemMapping]:
+        with self.lock:
+            return [self._maps[o] for o in self._starts]
+
+    def mapping_at(self, offset: int) -> ShmemMapping | None:
+        with self.lock:
+            i = bisect_left(self._starts, offset + 1) - 1
+            if i >= 0:
+                mp = self._maps[self._starts[i]]
+                if mp.offset <= offset < mp.end:
+                    return mp
+            return None
+
+    def _overlaps(self, offset: int, length: int) -> ShmemMapping | None:
+        i = bisect_left(self._starts, offset + 1) - 1
+        if i >= 0 and self._maps[self._starts[i]].end > offset:
+            return self._maps[self._starts[i]]
+        if i + 1 < len(self._starts) and self._starts[i + 1] < offset + length:
+            return self._maps[self._starts[i + 1]]
+        return None
+
+    def map(self, fd: int, fd_offset: int, offset: int, length: int, writable: bool) -> None:
+        """Apply a SHMEM_MAP; raises FrontendError with the reason when the rules refuse it."""
+        if not self.size:
+            raise FrontendError(f"region {self.shmid} does not exist")
+        if length <= 0 or offset % PAGE_SIZE or length % PAGE_SIZE or fd_offset % PAGE_SIZE:
+            raise FrontendError(f"map {offset:#x}+{length:#x} from file offset {fd_offset:#x}: "
+                                "not page aligned or empty")
+        if offset + length > self.size:
+            raise FrontendError(f"map {offset:#x}+{length:#x} past the region's end "
+                                f"{self.size:#x}")
+        if fd_offset + length > 1 << 63:
+            raise FrontendError(f"file offset {fd_offset:#x}+{length:#x} overflows")
+        st = os.fstat(fd)
+        with self.lock:
+            old = self._overlaps(offset, length)
+            if old is not None:
+                raise FrontendError(f"map {offset:#x}+{length:#x} overlaps the mapping "
+                                    f"{old.offset:#x}+{old.length:#x}")
+            prot = _PROT_READ | (_PROT_WRITE if writable else 0)
+            try:
+                _mmap(self.base + offset, length, prot, _MAP_SHARED | _MAP_FIXED, fd, fd_offset)
+            except OSError as e:
+                # A failed MAP_FIXED may have dropped what was there: reserve it again.
+                _mmap(self.base + offset, length, _PROT_NONE,
+                      _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED)
+                raise FrontendError(f"mmap of the backend's fd failed: {e.strerror}") from None
+            self._maps[offset] = ShmemMapping(offset, length, fd_offset, writable,
+                                              st.st_dev, st.st_ino)
+            self._starts.insert(bisect_left(self._starts, offset), offset)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Apply a SHMEM_UNMAP: it must name exactly one existing mapping."""
+        with self.lock:
+            mp = self._maps.get(offset)
+            if mp is None or mp.length != length:
+                raise FrontendError(f"unmap {offset:#x}+{length:#x} is not a whole mapping")
+            self._reserve(offset, length)
+            del self._maps[offset]
+            self._starts.pop(bisect_left(self._starts, offset))
+
+    def _reserve(self, offset: int, length: int) -> None:
+        _mmap(self.base + offset, length, _PROT_NONE,
+              _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED)
+
+    def drop_all(self) -> None:
+        """Device reset: every mapping goes."""
+        with self.lock:
+            if self._maps:
+                self._reserve(0, self.size)
+            self._maps.clear()
+            self._starts.clear()
+
+    def release(self) -> None:
+        with self.lock:
+            if self.base:
+                _libc.munmap(self.base, self.size)
+                self.base = 0
+            self._maps.clear()
+            self._starts.clear()
+
+    # -- access ----------------------------------------------------------------------------
+    def _span(self, offset: int, n: int) -> int:
+        if offset < 0 or n < 0 or offset + n > self.size or not self.base:
+            raise FrontendError(f"access {offset:#x}+{n:#x} outside region {self.shmid} "
+                                f"({self.size:#x})")
+        return self.base + offset
+
+    def readinto(self, offset: int, buf) -> int:
+        """Copy from the region into a writable buffer (bytearray, memoryview, mmap)."""
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        addr = self._span(offset, n)
+        if not n:
+            return 0
+        local = _IoVec(ctypes.addressof(ctypes.c_char.from_buffer(view)), n)
+        remote = _IoVec(addr, n)
+        got = _libc.process_vm_readv(os.getpid(), ctypes.byref(local), 1,
+                                     ctypes.byref(remote), 1, 0)
+        if got != n:
+            raise FrontendError(f"read of {offset:#x}+{n:#x} in region {self.shmid} faulted "
+                                f"(not mapped, or past the end of the mapped file)")
+        return n
+
+    def read(self, offset: int, n: int) -> bytes:
+        buf = bytearray(n)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        addr = self._span(offset, n)
+        if not n:
+            return
+        src = view if not view.readonly else memoryview(bytearray(view))
+        local = _IoVec(ctypes.addressof(ctypes.c_char.from_buffer(src)), n)
+        remote = _IoVec(addr, n)
+        got = _libc.process_vm_writev(os.getpid(), ctypes.byref(local), 1,
+                                      ctypes.byref(remote), 1, 0)
+        if got != n:
+            raise FrontendError(f"write of {offset:#x}+{n:#x} in region {self.shmid} faulted "
+                                "(not mapped, read-only, or past the end of the mapped file)")
+
+
+class ShmemRequest(NamedTuple):
+    """A SHMEM_MAP/UNMAP the backend sent, and what this frontend answered."""
+    request: int
+    shmid: int
+    fd_offset: int
+    shm_offset: int
+    length: int
+    flags: int
+    accepted: bool | None    # None: not answered (the ``shmem_answer`` hook said "ignore")
+    reason: str
+
+
+# ----------------------------------------------------------------------------------------
 # The virtio-fs device as QEMU drives it
 # ----------------------------------------------------------------------------------------
 
@@ -1118,6 +1350,14 @@ class VirtioFsFrontend:
     need_reply on every request that has no reply of its own (QEMU does it only for the
     memory table and SET_BACKEND_REQ_FD).  ``backend_req``: also ask for BACKEND_REQ and
     BACKEND_SEND_FD and hand the backend a socket (``self.backend_channel``).
+
+    ``shmem``: also ask for SHMEM (with BACKEND_REQ and REPLY_ACK), as a QEMU with the
+    vhost-user shared memory series does: GET_SHMEM_CONFIG, reserve each region
+    (``self.shmem_regions``), and serve the backend channel in a thread: SHMEM_MAP and
+    SHMEM_UNMAP are checked against the rules (:class:`ShmemRegion`), applied, recorded in
+    ``self.shmem_log`` and acknowledged.  ``shmem_answer(request: ShmemRequest)`` may return
+    "refuse" (answer failure, map nothing) or "ignore" (never answer) to play a bad frontend.
+    Every mapping is dropped at :meth:`reset_device` and :meth:`close`.
     """
 
     def __init__(self, socket_path: str | os.PathLike, *, num_request_queues: int = 1,
@@ -1126,7 +1366,8 @@ class VirtioFsFrontend:
                  gpa_base: int = 0x100000, ram_regions: int = 1,
                  use_add_mem_reg: bool | None = None,
                  protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-                 backend_req: bool = False, ack_all: bool = False,
+                 backend_req: bool = False, ack_all: bool = False, shmem: bool = False,
+                 shmem_answer=None,
                  timeout: float = 10.0, connect_timeout: float = 10.0,
                  start: bool = True, sync_after_start: bool = True):
         self.socket_path = os.fspath(socket_path)
@@ -1139,6 +1380,14 @@ class VirtioFsFrontend:
         if backend_req:
             self.want_protocol_features |= (_bit(ProtoFeature.BACKEND_REQ)
                                             | _bit(ProtoFeature.BACKEND_SEND_FD))
+        if shmem:
+            self.want_protocol_features |= (_bit(ProtoFeature.SHMEM)
+                                            | _bit(ProtoFeature.BACKEND_REQ)
+                                            | _bit(ProtoFeature.REPLY_ACK))
+        self.shmem_regions: list[ShmemRegion] = []
+        self.shmem_log: list[ShmemRequest] = []
+        self.shmem_answer = shmem_answer
+        self._channel_thread: threading.Thread | None = None
         self.use_add_mem_reg = use_add_mem_reg
         self.ack_all = ack_all
         self.timeout = timeout
@@ -1228,6 +1477,8 @@ class VirtioFsFrontend:
                 self.backend_channel = VhostUserConnection(ours, None)
         self.call(Req.SET_OWNER)
         self.backend_features = c.get_u64(Req.GET_FEATURES)
+        if self.has_protocol(ProtoFeature.SHMEM):
+            self._setup_shmem()
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         for i in range(self.nvqs):
             fd = os.eventfd(0, flags)
@@ -1236,6 +1487,81 @@ class VirtioFsFrontend:
             efd = os.eventfd(0, flags)
             self._masked_fds.append(efd)
             self._vring_fd(Req.SET_VRING_ERR, i, efd)
+
+    def _setup_shmem(self) -> None:
+        """GET_SHMEM_CONFIG, reserve the regions, serve the backend channel."""
+        msg = self.conn.call(Req.GET_SHMEM_CONFIG)
+        if len(msg.payload) != _SHMEM_CONFIG.size:
+            raise ProtocolError(f"GET_SHMEM_CONFIG reply of {len(msg.payload)} bytes")
+        n, _pad, *sizes = _SHMEM_CONFIG.unpack(msg.payload)
+        if n > len(sizes):
+            raise ProtocolError(f"GET_SHMEM_CONFIG claims {n} regions")
+        for i in range(n):
+            if sizes[i] % PAGE_SIZE:
+                raise ProtocolError(f"shared memory region {i} of {sizes[i]:#x} bytes")
+            self.shmem_regions.append(ShmemRegion(i, sizes[i]))
+        if self.backend_channel is not None:
+            self._channel_thread = threading.Thread(target=self._serve_backend_channel,
+                                                    name="backend-channel", daemon=True)
+            self._channel_thread.start()
+
+    def _serve_backend_channel(self) -> None:
+        ch = self.backend_channel
+        while True:
+            try:
+                msg = ch.recv()
+            except (OSError, ConnectionError, ProtocolError):
+                return
+            try:
+                reply = self._backend_request(msg)
+            finally:
+                for fd in msg.fds:
+                    os.close(fd)
+            if reply is not None and msg.flags & VHOST_USER_NEED_REPLY:
+                try:
+                    ch.send(msg.request, _U64.pack(0 if reply else 1),
+                            flags=VHOST_USER_VERSION | VHOST_USER_REPLY)
+                except OSError:
+                    return
+
+    def _backend_request(self, msg: VhostUserMessage) -> bool | None:
+        """Handle one backend request: True/False = success/failure, None = no answer."""
+        if msg.request not in (BackendReq.SHMEM_MAP, BackendReq.SHMEM_UNMAP):
+            return False
+        if len(msg.payload) != _SHMEM_MMAP.size:
+            self.shmem_log.append(ShmemRequest(msg.request, -1, 0, 0, 0, 0, False,
+                                               f"payload of {len(msg.payload)} bytes"))
+            return False
+        shmid, fd_off, shm_off, length, flags = _SHMEM_MMAP.unpack(msg.payload)
+        rec = ShmemRequest(msg.request, shmid, fd_off, shm_off, length, flags, True, "")
+        answer = self.shmem_answer(rec) if self.shmem_answer is not None else None
+        if answer == "ignore":
+            self.shmem_log.append(rec._replace(accepted=None, reason="ignored"))
+            return None
+        if answer == "refuse":
+            self.shmem_log.append(rec._replace(accepted=False, reason="refused by the test"))
+            return False
+        try:
+            if not 0 <= shmid < len(self.shmem_regions):
+                raise FrontendError(f"no shared memory region {shmid}")
+            region = self.shmem_regions[shmid]
+            if msg.request == BackendReq.SHMEM_MAP:
+                if len(msg.fds) != 1:
+                    raise FrontendError(f"SHMEM_MAP with {len(msg.fds)} fds")
+                if flags & ~SHMEM_MAP_RW:
+                    raise FrontendError(f"unknown map flags {flags:#x}")
+                region.map(msg.fds[0], fd_off, shm_off, length, bool(flags & SHMEM_MAP_RW))
+            else:
+                region.unmap(shm_off, length)
+        except FrontendError as e:
+            self.shmem_log.append(rec._replace(accepted=False, reason=str(e)))
+            return False
+        self.shmem_log.append(rec)
+        return True
+
+    def _drop_shmem_mappings(self) -> None:
+        for r in self.shmem_regions:
+            r.drop_all()
 
     def _wanted_features(self) -> int:
         want = _bit(VirtioFeature.VERSION_1)
@@ -1350,6 +1676,7 @@ class VirtioFsFrontend:
             self.call(Req.RESET_DEVICE)
         else:
             self.call(Req.RESET_OWNER)
+        self._drop_shmem_mappings()
         self._drop_queues()
         self.started = False
 
@@ -1365,7 +1692,15 @@ class VirtioFsFrontend:
         if conn is not None:
             conn.close()
         if self.backend_channel is not None:
+            try:
+                self.backend_channel.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread
+            except OSError:
+                pass
+            if self._channel_thread is not None:
+                self._channel_thread.join(10)
             self.backend_channel.close()
+        for r in self.shmem_regions:
+            r.release()
         for q in self.queues:
             q.close()
         for fd in self._masked_fds:

@@ -2,7 +2,9 @@
 
 It owns guest memory and the virtqueues and starts a :class:`QueueWorker` for each ring that is
 started (it has memory, addresses and a kick fd) and enabled.  What requests mean is the
-device's business: it provides ``queue_handler(index)`` and ``reset()``.
+device's business: it provides ``queue_handler(index)`` and ``reset()``, and optionally
+``shmem`` (a :class:`~pyvirtiofs.vhost_user.shmem.SharedMemory`): then the backend offers the
+SHMEM protocol feature, answers GET_SHMEM_CONFIG and hands it the backend channel.
 
 Frontend mistakes (wrong payload sizes, missing fds, rings outside memory, ...) are logged and
 answered with a failure where the protocol has a reply; a message we cannot even frame ends the
@@ -22,6 +24,7 @@ from ..queue_worker import QueueWorker
 from ..virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
 from . import messages as m
 from .connection import Connection, Message, ProtocolViolation
+from .shmem import SharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ class BadMessage(Exception):
 
 VIRTIO_FEATURES = m.F_VERSION_1 | m.F_INDIRECT_DESC | m.F_EVENT_IDX | m.F_PROTOCOL_FEATURES
 PROTOCOL_FEATURES = (m.PF_MQ | m.PF_REPLY_ACK | m.PF_CONFIGURE_MEM_SLOTS | m.PF_RESET_DEVICE)
+# Offered too when the device has shared memory regions: the backend channel carries
+# SHMEM_MAP/UNMAP, and REPLY_ACK lets us wait for the frontend's answer.
+SHMEM_PROTOCOL_FEATURES = m.PF_SHMEM | m.PF_BACKEND_REQ | m.PF_REPLY_ACK
 
 # Requests that act on the device and so are refused before SET_OWNER.
 _NEEDS_OWNER = {m.Request.SET_MEM_TABLE, m.Request.ADD_MEM_REG, m.Request.REM_MEM_REG,
@@ -58,6 +64,10 @@ class VhostUserBackend:
         self.acked_features = 0
         self.acked_protocol = 0
         self.owner = False
+        shmem = getattr(device, "shmem", None)
+        self.shmem: SharedMemory | None = shmem if shmem is not None and shmem.regions else None
+        self.protocol_features = PROTOCOL_FEATURES | (SHMEM_PROTOCOL_FEATURES if self.shmem
+                                                      else 0)
         self._lock = threading.Lock()
         self._handlers = {}
         for req in m.Request:
@@ -160,6 +170,8 @@ class VhostUserBackend:
 
     def shutdown(self) -> None:
         self._stop_all()
+        if self.shmem is not None:
+            self.shmem.detach()
         for vq in self.queues:
             self._close_queue_fds(vq)
             vq.reset()
@@ -190,13 +202,25 @@ class VhostUserBackend:
                 self._update_queue(vq)
 
     def _get_protocol_features(self, msg):
-        return m.U64.pack(PROTOCOL_FEATURES)
+        return m.U64.pack(self.protocol_features)
 
     def _set_protocol_features(self, msg):
         (features,) = self._payload(msg, m.U64)
-        if features & ~PROTOCOL_FEATURES:
-            raise BadMessage(f"protocol features {features & ~PROTOCOL_FEATURES:#x} not offered")
+        if features & ~self.protocol_features:
+            raise BadMessage(f"protocol features {features & ~self.protocol_features:#x} "
+                             "not offered")
         self.acked_protocol = features
+        if self.shmem is not None:
+            usable = features & SHMEM_PROTOCOL_FEATURES == SHMEM_PROTOCOL_FEATURES
+            if features & m.PF_SHMEM and not usable:
+                log.warning("frontend took SHMEM without BACKEND_REQ and REPLY_ACK: "
+                            "shared memory stays unused")
+            self.shmem.negotiated(usable)
+
+    def _get_shmem_config(self, msg):
+        if self.shmem is None:
+            return m.SHMEM_CONFIG.pack(0, 0, *[0] * m.MAX_SHMEM_REGIONS)
+        return self.shmem.config_reply()
 
     def _get_queue_num(self, msg):
         return m.U64.pack(len(self.queues))
@@ -221,10 +245,25 @@ class VhostUserBackend:
             vq.reset()
             vq.size = 0
         self.acked_features = 0
+        if self.shmem is not None:
+            self.shmem.dropped()  # the frontend drops every mapping at reset
         self.device.reset()
 
     def _set_backend_req_fd(self, msg):
-        pass  # we never send backend requests; the fd is closed with the message
+        if self.shmem is None:
+            return  # we send no backend requests; the fd is closed with the message
+        if len(msg.fds) != 1:
+            raise BadMessage(f"SET_BACKEND_REQ_FD carries {len(msg.fds)} fds, expected 1")
+        fd = msg.take_fd()
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise BadMessage(f"SET_BACKEND_REQ_FD: not a socket ({e})") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise BadMessage("SET_BACKEND_REQ_FD: not a Unix stream socket")
+        self.shmem.attach(sock)
 
     def _set_vring_endian(self, msg):
         raise BadMessage("legacy (non-VERSION_1) rings are not supported")
@@ -381,4 +420,4 @@ class VhostUserBackend:
 # Requests whose sender always waits for a reply payload.
 _REPLYING = {m.Request.GET_FEATURES, m.Request.GET_PROTOCOL_FEATURES, m.Request.GET_QUEUE_NUM,
              m.Request.GET_VRING_BASE, m.Request.GET_MAX_MEM_SLOTS, m.Request.GET_CONFIG,
-             m.Request.GET_INFLIGHT_FD, m.Request.GET_STATUS}
+             m.Request.GET_INFLIGHT_FD, m.Request.GET_STATUS, m.Request.GET_SHMEM_CONFIG}

@@ -47,6 +47,16 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
+    GET_SHMEM_CONFIG = 44
+
+
+class BackendRequest(enum.IntEnum):
+    """Requests the backend sends on the SET_BACKEND_REQ_FD channel."""
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
 
 
 # Virtio feature bits
@@ -64,6 +74,7 @@ PF_CONFIG = 1 << 9   # never offered: QEMU 7.1-8.0 crash on it for vhost-user-fs
 PF_RESET_DEVICE = 1 << 13
 PF_CONFIGURE_MEM_SLOTS = 1 << 15
 PF_STATUS = 1 << 16
+PF_SHMEM = 1 << 20   # VIRTIO shared memory regions (GET_SHMEM_CONFIG, SHMEM_MAP/UNMAP)
 
 # Header flags
 VERSION = 0x1
@@ -77,6 +88,10 @@ VRING_ADDR = struct.Struct("<IIQQQQ")   # index flags desc used avail log
 MEM_TABLE_HEAD = struct.Struct("<II")   # nregions padding
 MEM_REGION = struct.Struct("<QQQQ")     # guest_phys_addr size user_addr mmap_offset
 SINGLE_MEM_REGION = struct.Struct("<QQQQQ")  # padding + region
+MAX_SHMEM_REGIONS = 8
+SHMEM_CONFIG = struct.Struct("<II8Q")   # nregions padding memory_sizes[8]
+SHMEM_MMAP = struct.Struct("<B7xQQQQ")  # shmid padding fd_offset shm_offset len flags
+SHMEM_MAP_RW = 1                        # SHMEM_MMAP flags: 0 = read-only
 
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
