@@ -9,6 +9,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx cpio || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
+command -v zstd >/dev/null || need+=(zstd)   # the Linux 6.12 guest kernel is zstd-compressed
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: need root to install ${need[*]} (apt-get)" >&2; exit 1

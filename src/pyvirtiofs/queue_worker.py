@@ -33,6 +33,7 @@ class QueueWorker:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.chain_errors = 0
+        self.served = 0  # requests taken off this ring (logged at stop: which queues worked)
 
     def start(self) -> None:
         self._thread.start()
@@ -43,6 +44,7 @@ class QueueWorker:
         os.eventfd_write(self._stop_fd, 1)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        log.info("queue %d stopped after %d requests", self.vq.index, self.served)
         if self.cancel_pending is not None:
             self.cancel_pending(complete=self.complete)
         with self._cond:
@@ -119,6 +121,7 @@ class QueueWorker:
                     continue
                 if chain is None:
                     break
+                self.served += 1
                 if self.pool is not None and vq.avail_count():
                     with self._cond:
                         self._deferred += 1

@@ -967,7 +967,8 @@ def _guest_main(root: str, names: list[str]) -> None:
         except BaseException:
             emit(name, False, t, error="phase 2 (after drop_caches): " + traceback.format_exc())
     print(RESULT_PREFIX + json.dumps({"done": True, "seconds": round(time.monotonic() - t_all, 3),
-                                      "drop_caches": round(drop, 3)}), flush=True)
+                                      "drop_caches": round(drop, 3), "release": os.uname().release,
+                                      "cpus": os.cpu_count()}), flush=True)
 
 
 def guest_program() -> str:
@@ -989,15 +990,24 @@ def guest_program() -> str:
 
 @dataclass
 class Battery:
+    kernel: str
     root: Path
     guest: GuestResult
+    daemon_status: int | None = None
+    daemon_log: str = ""
     results: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
 
-@pytest.fixture(scope="module")
-def battery(start_daemon_module, tmp_path_factory) -> Battery:
-    root = tmp_path_factory.mktemp("battery")
+# The battery runs on each guest kernel; 6.12 with two vCPUs and two request queues, the
+# set-up in which Linux >= 6.10 spreads requests over several queues (one per CPU).
+KERNEL_SETUPS = {"6.1": {}, "6.12": {"smp": 2, "num_request_queues": 2}}
+
+
+@pytest.fixture(scope="module", params=sorted(KERNEL_SETUPS))
+def battery(request, start_daemon_module, tmp_path_factory) -> Battery:
+    kernel = request.param
+    root = tmp_path_factory.mktemp(f"battery-{kernel}")
     os.chmod(root, 0o755)
     make_host_files(root / HOST_FILES)
     daemon = start_daemon_module(root, "battery")
@@ -1009,11 +1019,15 @@ def battery(start_daemon_module, tmp_path_factory) -> Battery:
     t0 = time.monotonic()
     try:
         res = run_guest(script, [Share("battery", socket=daemon.socket_path)], hostroot=True,
-                        timeout=300, daemons=[daemon])
+                        kernel=kernel, timeout=300, daemons=[daemon], **KERNEL_SETUPS[kernel])
     except GuestError as e:
-        pytest.fail(f"the battery guest failed ({daemon_name()}):\n{e}\n--- daemon log ---\n"
-                    f"{daemon.log[-5000:]}", pytrace=False)
-    bat = Battery(root=root, guest=res)
+        pytest.fail(f"the battery guest failed ({daemon_name()}, Linux {kernel}):\n{e}\n"
+                    f"--- daemon log ---\n{daemon.log[-5000:]}", pytrace=False)
+    try:  # the daemon exits by itself once QEMU has gone
+        status = daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        status = None
+    bat = Battery(kernel=kernel, root=root, guest=res, daemon_status=status, daemon_log=daemon.log)
     for line in res.output.splitlines():
         if line.startswith(RESULT_PREFIX):
             rec = json.loads(line[len(RESULT_PREFIX):])
@@ -1022,7 +1036,7 @@ def battery(start_daemon_module, tmp_path_factory) -> Battery:
             else:
                 bat.results[rec["check"]] = rec
     times = ", ".join(f"{n} {r['seconds']:.2f}" for n, r in bat.results.items())
-    print(f"\nbattery against {daemon_name()}: QEMU wall {res.wall:.1f} s (harness overhead {time.monotonic() - t0 - res.wall:.1f} s"
+    print(f"\nbattery against {daemon_name()} on Linux {bat.summary.get('release')}: QEMU wall {res.wall:.1f} s (harness overhead {time.monotonic() - t0 - res.wall:.1f} s"
           f"), script started at guest uptime {res.ready} s, checks {bat.summary.get('seconds')} s; "
           f"per check: {times}")
     return bat
@@ -1045,6 +1059,13 @@ def test_battery_completed(battery: Battery) -> None:
     other = [l for l in battery.guest.output.splitlines() if not l.startswith(RESULT_PREFIX)]
     assert battery.summary.get("done"), "the guest program did not finish:\n" + "\n".join(other[-40:])
     assert battery.guest.status == 0, f"guest exit status {battery.guest.status}:\n" + "\n".join(other[-40:])
+    assert battery.daemon_status == 0 and "Traceback" not in battery.daemon_log, (
+        f"{daemon_name()} exit status {battery.daemon_status} (None: still running 30 s after "
+        f"the guest powered off); log tail:\n{battery.daemon_log[-5000:]}")
+    # The battery really ran on the kernel it names, with the CPUs it asked for.
+    release = guestvm.prepare_kernel(kernel=battery.kernel).release
+    assert battery.summary.get("release") == release, (battery.summary, release)
+    assert battery.summary.get("cpus") == KERNEL_SETUPS[battery.kernel].get("smp", 1), battery.summary
 
 
 def test_daemon_pidfile_and_exit_on_poweroff(start_daemon, tmp_path: Path) -> None:

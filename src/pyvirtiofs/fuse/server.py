@@ -8,6 +8,7 @@ and a bug of ours gets EIO plus a logged traceback, never a dead worker thread.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import struct
@@ -197,6 +198,10 @@ class FuseServer:
         self._init_lock = threading.Lock()
         # Only file systems that need per-request clean-up pay for the call.
         self._end_request = fs.end_request if fs.wants_end_request else None
+        # Requests seen, by opcode: one Counter per serving thread (no lock on the request
+        # path), summed by opcode_counts() and logged when the guest unmounts.
+        self._counts_local = threading.local()
+        self._all_counts: list[collections.Counter] = []
         self._waiters: dict[int, _LockWaiter] = {}
         self._waiters_lock = threading.Lock()
         self._handlers = {}
@@ -229,6 +234,11 @@ class FuseServer:
         if length < 40 or length - 40 > r.remaining:
             return self._error(w, unique, errno.EINVAL, "header len %d disagrees with chain" % length)
         r.remaining = length - 40  # ignore trailing bytes past len
+        try:
+            self._counts_local.counts[opcode] += 1
+        except AttributeError:
+            self._counts_local.counts = c = collections.Counter({opcode: 1})
+            self._all_counts.append(c)
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)
@@ -323,13 +333,28 @@ class FuseServer:
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
             self.fs.init()
             self.initialized = True
-        log.info("FUSE session: guest %d.%d, negotiated flags %#x", major, minor, self.flags)
+        log.info("FUSE session: guest %d.%d offers flags %#x, negotiated %#x",
+                 major, minor, guest, self.flags)
         out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, max_readahead,
                                 self.flags & 0xFFFFFFFF, 65535, 49149, MAX_WRITE, 1,
                                 MAX_PAGES, 0, self.flags >> 32)
         return self._reply(w, out)
 
+    def opcode_counts(self) -> dict[str, int]:
+        """How many requests of each opcode were served so far (unknown ones included)."""
+        total: collections.Counter = collections.Counter()
+        for c in list(self._all_counts):
+            while True:
+                try:
+                    total.update(dict(c))
+                    break
+                except RuntimeError:  # its thread added an opcode meanwhile
+                    continue
+        return {_opname(op): n for op, n in sorted(total.items())}
+
     def _op_destroy(self, req, r, w):
+        log.info("requests by opcode: %s",
+                 ", ".join(f"{k} {v}" for k, v in self.opcode_counts().items()))
         with self._init_lock:
             if self.initialized:
                 self.fs.destroy()

@@ -7,12 +7,18 @@ unpacked (never installed) into a cache directory.
 
 How a run works:
 
-* The kernel package named by ``apt-cache depends linux-image-amd64`` is
-  unpacked once into the cache.  The uncompressed ELF ``vmlinux`` is pulled
-  out of the bzImage (an XZ stream inside it) so that QEMU can start it through
-  its PVH entry point, which roughly halves the boot time under TCG.
-* A base initramfs (static busybox, the virtio/fuse/virtiofs/9p modules and a
-  generic ``/init``) is written as a newc cpio archive and cached.  Each run
+* Two guest kernels can be chosen (:data:`KERNELS`, ``kernel=`` or
+  ``$PYVIRTIOFS_GUEST_KERNEL``): ``6.1``, Debian 12's kernel from the host's
+  own apt sources (the default), and ``6.12``, Debian 13's kernel, fetched from
+  the ``trixie`` suite through a private apt configuration in the cache (the
+  host's apt set-up is not touched).  The kernel package named by ``apt-cache
+  depends linux-image-amd64`` is unpacked once into the cache.  The
+  uncompressed ELF ``vmlinux`` is pulled out of the bzImage (an XZ stream in
+  6.1, a zstd frame in 6.12) so that QEMU can start it through its PVH entry
+  point, which roughly halves the boot time under TCG.
+* A base initramfs (static busybox, the kernel's own virtio/fuse/virtiofs/9p
+  modules, the ones it does not have built in, and a generic ``/init``) is
+  written as a newc cpio archive and cached.  Each run
   appends a second, small cpio archive holding the script and a generated
   setup file that mounts the shares.
 * Guest RAM lives in a shared memfd (``memory-backend-memfd,share=on``) as
@@ -30,8 +36,10 @@ How a run works:
 
 Environment knobs: ``PYVIRTIOFS_CACHE`` (cache directory, default
 ``~/.cache/pyvirtiofs/guest``), ``PYVIRTIOFS_ACCEL`` (``tcg`` or ``kvm``),
-``PYVIRTIOFS_KERNEL_PKG`` (kernel package to download), ``PYVIRTIOFS_KERNEL``
-(boot this kernel image instead; its modules still come from the package).
+``PYVIRTIOFS_GUEST_KERNEL`` (``6.1`` or ``6.12``), ``PYVIRTIOFS_KERNEL_PKG``
+(kernel package to download instead of the one the suite names),
+``PYVIRTIOFS_KERNEL`` (boot this kernel image instead; its modules still come
+from the package).
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ __all__ = [
     "Share",
     "GuestResult",
     "KernelInfo",
+    "KERNELS",
     "DaemonProcess",
     "ensure_host_tools",
     "cache_dir",
@@ -73,12 +82,24 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_KERNEL_PKG = "linux-image-6.1.0-56-amd64"
 QEMU_BINARY = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 
-#: Kernel modules loaded in the guest, in load order (path below kernel/).
-GUEST_MODULES = (
+
+@dataclasses.dataclass(frozen=True)
+class GuestKernel:
+    """A Debian guest kernel the harness knows how to fetch and boot."""
+
+    name: str                 #: what ``kernel=`` / ``$PYVIRTIOFS_GUEST_KERNEL`` say
+    suite: str | None         #: Debian suite to fetch from; None: the host's own apt sources
+    fallback_package: str     #: used when apt cannot name the current package
+    #: Modules loaded in the guest, in load order (path below kernel/); those the kernel
+    #: has built in are skipped.  Each kernel's own modules: a module of another release
+    #: does not load ("section size must match").
+    modules: tuple[str, ...]
+
+
+_VIRTIO_FUSE_MODULES = (
     "drivers/virtio/virtio_ring",
     "drivers/virtio/virtio",
     "drivers/virtio/virtio_pci_legacy_dev",
@@ -86,12 +107,28 @@ GUEST_MODULES = (
     "drivers/virtio/virtio_pci",
     "fs/fuse/fuse",
     "fs/fuse/virtiofs",
-    "fs/netfs/netfs",
-    "fs/fscache/fscache",
-    "net/9p/9pnet",
-    "net/9p/9pnet_virtio",
-    "fs/9p/9p",
 )
+
+KERNELS = {
+    # Debian 12: everything is a module.
+    "6.1": GuestKernel("6.1", None, "linux-image-6.1.0-56-amd64", _VIRTIO_FUSE_MODULES + (
+        "fs/netfs/netfs", "fs/fscache/fscache", "net/9p/9pnet", "net/9p/9pnet_virtio", "fs/9p/9p")),
+    # Debian 13: virtio, fuse and virtiofs are built in; fscache became part of netfs (6.8).
+    "6.12": GuestKernel("6.12", "trixie", "linux-image-6.12.117+deb13-amd64", _VIRTIO_FUSE_MODULES + (
+        "fs/netfs/netfs", "net/9p/9pnet", "net/9p/9pnet_virtio", "fs/9p/9p")),
+}
+DEFAULT_KERNEL = "6.1"
+#: The 6.1 module list, kept for callers of earlier versions.
+GUEST_MODULES = KERNELS["6.1"].modules
+
+
+def guest_kernel(name: str | None = None) -> GuestKernel:
+    """The kernel named ``name``, else ``$PYVIRTIOFS_GUEST_KERNEL``, else 6.1."""
+    name = name or os.environ.get("PYVIRTIOFS_GUEST_KERNEL") or DEFAULT_KERNEL
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown guest kernel {name!r}; known: {', '.join(KERNELS)}") from None
 
 HOSTROOT_TAG = "hostroot"
 NINEP_DEFAULT_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -177,6 +214,8 @@ def ensure_host_tools() -> None:
         missing.append("qemu-system-x86")
     if not _is_static_elf(BUSYBOX):
         missing.append("busybox-static")
+    if shutil.which("zstd") is None:
+        missing.append("zstd")  # the 6.12 bzImage is zstd-compressed
     if missing:
         _apt_install(missing)
     if shutil.which(QEMU_BINARY) is None:
@@ -232,38 +271,83 @@ class KernelInfo:
     release: str            #: ``uname -r`` of the guest
     image: Path             #: what QEMU boots (ELF vmlinux if PVH-capable, else bzImage)
     bzimage: Path
-    modules_dir: Path       #: holds ``<module path>.ko`` for GUEST_MODULES (maybe fewer if built in)
+    modules_dir: Path       #: holds ``<module path>.ko`` for the kernel's modules (fewer if built in)
     modules: tuple[str, ...]  #: the modules to insmod, in order
 
 
-def _kernel_package(cache: Path) -> str:
-    """The kernel package to use; ``apt-cache`` is asked at most once a day (it takes 0.5 s)."""
+# -- apt: the host's sources, or a private configuration for another Debian suite ----------
+
+def _debian_mirror() -> str:
+    """The Debian mirror the host's apt already uses (so a suite of the same archive works)."""
+    for src in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        with contextlib.suppress(OSError):
+            m = re.search(r"^URIs:\s*(\S+)", src.read_text(), re.M)
+            if m and "security" not in m.group(1):
+                return m.group(1)
+    with contextlib.suppress(OSError):
+        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s", Path("/etc/apt/sources.list").read_text(), re.M)
+        if m:
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _apt_options(spec: GuestKernel, cache: Path) -> list[str]:
+    """apt options for ``spec``'s suite: none for the host's own sources, else a private
+    configuration under the cache (lists refreshed at most once a day)."""
+    if spec.suite is None:
+        return []
+    root = cache / f"apt-{spec.suite}"
+    opts = ["-o", f"Dir::Etc={root}/etc", "-o", f"Dir::State={root}/state",
+            "-o", f"Dir::Cache={root}/cache", "-o", "Dir::State::status=/var/lib/dpkg/status",
+            "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+    stamp = root / "updated"
+    with contextlib.suppress(OSError):
+        if time.time() - stamp.stat().st_mtime < 86400:
+            return opts
+    for d in ("etc/sources.list.d", "etc/preferences.d", "state/lists/partial", "cache/archives/partial"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        with contextlib.suppress(OSError):
+            if time.time() - stamp.stat().st_mtime < 86400:
+                return opts  # another process refreshed the lists meanwhile
+        (root / "etc/sources.list").write_text("")
+        (root / "etc/sources.list.d" / f"{spec.suite}.sources").write_text(
+            f"Types: deb\nURIs: {_debian_mirror()}\nSuites: {spec.suite}\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+        _run_checked(["apt-get", *opts, "update"], f"apt-get update for the {spec.suite} suite",
+                     timeout=600)
+        stamp.touch()
+    return opts
+
+
+def _kernel_package(spec: GuestKernel, cache: Path) -> str:
+    """The kernel package to use; apt is asked at most once a day (it takes 0.5 s)."""
     pkg = os.environ.get("PYVIRTIOFS_KERNEL_PKG")
     if pkg:
         return pkg
-    memo = cache / "kernel-package"
+    memo = cache / ("kernel-package" if spec.suite is None else f"kernel-package-{spec.suite}")
     with contextlib.suppress(OSError):
         if time.time() - memo.stat().st_mtime < 86400:
             name = memo.read_text().strip()
             if name:
                 return name
-    name = _ask_apt_for_kernel_package()
+    name = _ask_apt_for_kernel_package(spec, cache)
     with contextlib.suppress(OSError):
         _atomic_write(memo, name.encode() + b"\n")
     return name
 
 
-def _ask_apt_for_kernel_package() -> str:
+def _ask_apt_for_kernel_package(spec: GuestKernel, cache: Path) -> str:
     try:
-        r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
+        r = subprocess.run(["apt-cache", *_apt_options(spec, cache), "depends", "linux-image-amd64"],
                            capture_output=True, text=True, timeout=60)
         for line in r.stdout.splitlines():
             m = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
             if m:
                 return m.group(1)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, GuestError):
         pass
-    return DEFAULT_KERNEL_PKG
+    return spec.fallback_package
 
 
 def _has_pvh_note(elf: bytes) -> bool:
@@ -289,16 +373,30 @@ def _has_pvh_note(elf: bytes) -> bool:
     return False
 
 
+def _bzimage_payload(bzimage: bytes) -> bytes:
+    """The compressed kernel inside a bzImage (boot protocol 2.08+: payload_offset/length)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return b""
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    return bzimage[start:start + length]
+
+
 def _extract_vmlinux(bzimage: bytes) -> bytes | None:
-    """The uncompressed ELF kernel inside an XZ-compressed bzImage, if PVH-bootable."""
-    i = bzimage.find(b"\xfd7zXZ\x00")
-    if i < 0:
-        return None
-    try:
-        out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[i:])
-    except lzma.LZMAError:
-        return None
-    if out[:4] != b"\x7fELF" or not _has_pvh_note(out):
+    """The uncompressed ELF kernel inside a bzImage, if it can be PVH-booted.
+
+    6.1 is XZ-compressed (Python's lzma), 6.12 zstd-compressed (the ``zstd`` tool; the
+    kernel build appends the uncompressed size as 4 bytes after the zstd frame)."""
+    payload = _bzimage_payload(bzimage)
+    out = None
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        with contextlib.suppress(lzma.LZMAError):
+            out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    elif payload.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
+        r = subprocess.run(["zstd", "-dcq"], input=payload[:-4], capture_output=True)
+        out = r.stdout if r.returncode == 0 else None
+    if not out or out[:4] != b"\x7fELF" or not _has_pvh_note(out):
         return None
     return out
 
@@ -311,15 +409,17 @@ def _run_checked(cmd: Sequence[str], what: str, **kw) -> subprocess.CompletedPro
     return r
 
 
-def _download_kernel(pkg: str, work: Path) -> Path:
-    cmd = ["apt-get", "download", pkg]
+def _download_kernel(pkg: str, work: Path, spec: GuestKernel, cache: Path) -> Path:
+    opts = _apt_options(spec, cache)
+    cmd = ["apt-get", *opts, "download", pkg]
     r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=_apt_env())
-    if r.returncode != 0 and os.geteuid() == 0:
+    if r.returncode != 0 and os.geteuid() == 0 and spec.suite is None:
         subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=_apt_env())
         r = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=_apt_env())
     debs = sorted(work.glob(f"{pkg}_*.deb"))
     if r.returncode != 0 or not debs:
-        raise GuestError(f"could not download the guest kernel with `apt-get download {pkg}` "
+        raise GuestError(f"could not download the guest kernel with `apt-get download {pkg}`"
+                         f"{' from ' + spec.suite if spec.suite else ''} "
                          f"(exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
     return debs[0]
 
@@ -335,11 +435,13 @@ def _load_kernel_info(kdir: Path) -> KernelInfo:
                       bzimage=bz, modules_dir=kdir / "modules", modules=mods)
 
 
-def prepare_kernel(cache: Path | None = None) -> KernelInfo:
-    """Download and unpack the guest kernel into the cache (once; safe to call concurrently)."""
+def prepare_kernel(cache: Path | None = None, kernel: str | None = None) -> KernelInfo:
+    """Download and unpack the guest kernel ``kernel`` (see :func:`guest_kernel`) into the
+    cache (once; safe to call concurrently)."""
     cache = cache or cache_dir()
-    pkg = _kernel_package(cache)
-    modkey = hashlib.sha256("\n".join(GUEST_MODULES).encode()).hexdigest()[:8]
+    spec = guest_kernel(kernel)
+    pkg = _kernel_package(spec, cache)
+    modkey = hashlib.sha256("\n".join(spec.modules).encode()).hexdigest()[:8]
     kdir = cache / f"kernel-{pkg}-{modkey}"
     if (kdir / "modules.list").exists():
         return _load_kernel_info(kdir)
@@ -349,10 +451,11 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
         work = Path(tempfile.mkdtemp(dir=cache, prefix=".kernel-work-"))
         try:
             try:
-                deb = _download_kernel(pkg, work)
+                deb = _download_kernel(pkg, work, spec, cache)
             except GuestError:
-                # Offline, or the archive moved on: fall back to a kernel cached earlier.
-                older = sorted((p for p in cache.glob(f"kernel-*-{modkey}")
+                # Offline, or the archive moved on: fall back to a kernel of the same
+                # series cached earlier.
+                older = sorted((p for p in cache.glob(f"kernel-linux-image-{spec.name}.*-{modkey}")
                                 if (p / "modules.list").exists()), key=lambda p: p.stat().st_mtime)
                 if not older:
                     raise
@@ -361,12 +464,13 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
                 return info
             root = work / "root"
             _run_checked(["dpkg", "-x", str(deb), str(root)], f"unpacking {deb.name}")
-            releases = sorted(p.name for p in (root / "lib/modules").iterdir()) \
-                if (root / "lib/modules").is_dir() else []
+            # Debian 13 ships modules under usr/lib (merged /usr), Debian 12 under lib.
+            moddir = next((d for d in (root / "lib/modules", root / "usr/lib/modules") if d.is_dir()), None)
+            releases = sorted(p.name for p in moddir.iterdir()) if moddir else []
             if not releases:
                 raise GuestError(f"{deb.name} holds no lib/modules/<release>")
             release = releases[0]
-            mroot = root / "lib/modules" / release
+            mroot = moddir / release
             out = work / "out"
             (out / "modules").mkdir(parents=True)
             bz = root / "boot" / f"vmlinuz-{release}"
@@ -381,7 +485,7 @@ def prepare_kernel(cache: Path | None = None) -> KernelInfo:
                 builtin = {l.strip()[len("kernel/"):].rsplit(".ko", 1)[0]
                            for l in (mroot / "modules.builtin").read_text().splitlines()}
             wanted = []
-            for m in GUEST_MODULES:
+            for m in spec.modules:
                 src = mroot / "kernel" / (m + ".ko")
                 dst = out / "modules" / (m.replace("/", "__") + ".ko")
                 if src.exists():
@@ -685,6 +789,7 @@ def run_guest(
     shares: Sequence[Share] = (),
     *,
     hostroot: bool = False,
+    kernel: str | None = None,
     mem: str = "1G",
     smp: int = 1,
     timeout: float = 600,
@@ -704,7 +809,8 @@ def run_guest(
     read-only, so host programs are available.  Returns a
     :class:`GuestResult`; raises :class:`GuestError` when the guest never
     reported the script's exit status (boot failure, a mount failed,
-    timeout).  ``keep_dir``: write the run files (initrd, logs) there instead
+    timeout).  ``kernel``: which guest kernel (:data:`KERNELS`; default
+    ``$PYVIRTIOFS_GUEST_KERNEL`` or 6.1).  ``keep_dir``: write the run files (initrd, logs) there instead
     of a temporary directory that is removed afterwards.
 
     ``daemons``: the daemon processes behind the shares (:class:`DaemonProcess`
@@ -720,8 +826,8 @@ def run_guest(
     accel = accel or os.environ.get("PYVIRTIOFS_ACCEL", "tcg")
     ensure_host_tools()
     cache = cache_dir()
-    kernel = prepare_kernel(cache)
-    base = base_initramfs(kernel, cache)
+    kernel_info = prepare_kernel(cache, kernel)
+    base = base_initramfs(kernel_info, cache)
     for s in shares:
         if s.ninep_dir is not None and not os.path.isdir(s.ninep_dir):
             raise GuestError(f"9p share {s.tag!r}: {s.ninep_dir} is not a directory")
@@ -756,7 +862,7 @@ def run_guest(
             "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
             "-chardev", f"file,id=con0,path={_qarg(str(console_log))}", "-serial", "chardev:con0",
             "-chardev", f"file,id=out0,path={_qarg(str(out_log))}", "-serial", "chardev:out0",
-            "-kernel", os.environ.get("PYVIRTIOFS_KERNEL") or str(kernel.image),
+            "-kernel", os.environ.get("PYVIRTIOFS_KERNEL") or str(kernel_info.image),
             "-initrd", str(initrd),
             "-append", f"console=ttyS0 quiet panic=-1 {extra_append}".strip(),
         ]
@@ -998,6 +1104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="export a host directory over QEMU's virtio-9p (repeatable)")
     p.add_argument("--hostroot", action="store_true",
                    help="guest root = host / read-only over 9p (host programs usable)")
+    p.add_argument("--kernel", choices=sorted(KERNELS), default=None,
+                   help="guest kernel (default $PYVIRTIOFS_GUEST_KERNEL or 6.1)")
     p.add_argument("--mem", default="1G")
     p.add_argument("--smp", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600)
@@ -1015,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in a.ninep:
         shares.append(_parse_share(spec, "9p", len(shares)))
     try:
-        r = run_guest(a.command, shares, hostroot=a.hostroot, mem=a.mem, smp=a.smp,
+        r = run_guest(a.command, shares, hostroot=a.hostroot, kernel=a.kernel, mem=a.mem, smp=a.smp,
                       timeout=a.timeout, accel=a.accel, num_request_queues=a.num_request_queues)
     except (GuestError, ValueError) as e:
         print(f"guestvm: {e}", file=sys.stderr)
