@@ -6,126 +6,174 @@ on the socket, serves one frontend connection and exits when it disconnects.
 
 from __future__ import annotations
 
-import argparse
+import grp
 import logging
 import logging.handlers
 import os
 import signal
 import socket
+import stat
 import sys
 
-from . import __version__, sandbox, seccomp
+from . import __version__, options, sandbox, seccomp
+from .config import Config
 from .device import VirtioFsDevice
+from .fuse.server import TRACE
 from .passthrough import PassthroughFs
 from .virtqueue import ORDERING_IS_SAFE
 from .vhost_user.backend import VhostUserBackend
 
 log = logging.getLogger("pyvirtiofsd")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyvirtiofsd",
-        description="virtiofs daemon (vhost-user-fs backend) serving a host directory")
-    p.add_argument("--socket-path", help="vhost-user Unix socket to listen on")
-    p.add_argument("--fd", type=int, help="listen on this already bound socket fd instead")
-    p.add_argument("--shared-dir", "-o", dest="shared_dir", help="directory to share")
-    p.add_argument("--cache", choices=["never", "auto", "always", "metadata"], default="auto",
-                   help="guest caching of entries, attributes and data (default auto)")
-    p.add_argument("--readonly", action="store_true", help="refuse every write with EROFS")
-    p.add_argument("--xattr", action=argparse.BooleanOptionalAction, default=True,
-                   help="serve extended attributes (default on)")
-    p.add_argument("--inode-file-handles", choices=["never", "prefer", "mandatory"],
-                   default="never",
-                   help="hold inodes as file handles instead of open fds (needs "
-                        "CAP_DAC_READ_SEARCH); prefer falls back to fds where handles fail")
-    p.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=True,
-                   help="forward POSIX record locks to the host as OFD locks (default on)")
-    p.add_argument("--flock", action=argparse.BooleanOptionalAction, default=True,
-                   help="forward flock() locks to the host (default on)")
-    p.add_argument("--log-level", default="info",
-                   choices=["error", "warn", "warning", "info", "debug", "off"])
-    p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
-    p.add_argument("--thread-pool-size", type=int, default=0,
-                   help="threads that take requests off a queue when several wait (default 0: "
-                        "each queue's own thread serves them in turn)")
-    p.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default=None,
-                   help="confine the daemon to the shared directory: new namespaces + "
-                        "pivot_root, chroot, or nothing (default namespace as root, else none)")
-    p.add_argument("--seccomp", choices=["kill", "log", "trap", "none"], default="none",
-                   help="system call allow-list; what to do with other calls (default none)")
-    p.add_argument("--modcaps", help="adjust the kept capabilities, e.g. '-mknod,+sys_admin'")
-    p.add_argument("--rlimit-nofile", type=int, help="open-file limit (default: the hard limit)")
-    p.add_argument("--announce-submounts", action="store_true", help="accepted, ignored")
-    p.add_argument("--no-announce-submounts", action="store_true", help="accepted, ignored")
-    p.add_argument("--tag", help="not offered: QEMU 7.1-8.0 crash on the CONFIG feature")
-    p.add_argument("--version", "-V", action="store_true", help="print the version and exit")
-    return p
+SYSLOG_SOCKET = "/dev/log"
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
     if level == "off":
         logging.disable(logging.CRITICAL)
         return
-    lvl = {"warn": "WARNING"}.get(level, level.upper())
+    logging.addLevelName(TRACE, "TRACE")
+    lvl = {"warn": logging.WARNING, "trace": TRACE}.get(level) or level.upper()
+    handler: logging.Handler | None = None
+    syslog_error = None
     if use_syslog:
-        handler: logging.Handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
-    else:
+        try:
+            handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+            handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
+        except OSError as e:  # no syslog daemon (a container): keep the messages
+            syslog_error = e
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "[%(asctime)s %(levelname)s %(threadName)s] %(message)s"))
     logging.basicConfig(level=lvl, handlers=[handler], force=True)
+    if syslog_error is not None:
+        log.warning("--syslog: cannot reach %s (%s); logging to stderr", SYSLOG_SOCKET,
+                    syslog_error.strerror or syslog_error)
 
 
-def _listen(path: str) -> socket.socket:
-    if os.path.exists(path):
-        # A stale socket from an earlier run would make bind fail.
+def _listen(path: str, group: str | None) -> socket.socket:
+    """Bind the vhost-user socket at ``path``.  Only a stale socket (nobody listening) is
+    replaced; any other file there is left alone and refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"--socket-path {path}: exists and is not a socket; not "
+                               "replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.connect(path)
-            probe.close()
-            raise SystemExit(f"pyvirtiofsd: {path} is in use by another process")
-        except (ConnectionRefusedError, FileNotFoundError):
+        except ConnectionRefusedError:  # stale: left behind by a daemon that is gone
             os.unlink(path)
+        else:
+            raise StartupError(f"--socket-path {path}: another process is listening on it")
+        finally:
+            probe.close()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
+    # With a group, its members must be able to connect (write permission on the socket).
+    old_umask = os.umask(0o007 if group else 0o077)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old_umask)
+    if group:
+        try:
+            os.chown(path, -1, _group_id(group))
+        except BaseException:
+            s.close()
+            os.unlink(path)
+            raise
     s.listen(1)
     return s
 
 
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise StartupError(f"--socket-group {group}: no such group") from None
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    """The socket passed with --fd: it must be an open, listening Unix stream socket."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise StartupError(f"--fd {fd}: not an open file descriptor ({e.strerror})") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"--fd {fd}: not a socket")
+    s = socket.socket(fileno=fd)
+    if (s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM
+            or not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+        s.detach()
+        raise StartupError(f"--fd {fd}: not a listening Unix stream socket")
+    return s
+
+
+class StartupError(Exception):
+    """The environment does not allow what the command line asks (exit status 1)."""
+
+
+def _refused(config: Config) -> list[str]:
+    """Options that are set but not implemented (yet): refused rather than ignored."""
+    out = [opt for name, opt in options.NOT_IMPLEMENTED.items() if getattr(config, name)]
+    if config.tag is not None:
+        out.append("--tag")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.version:
+    try:
+        config = options.parse(argv)
+    except options.UsageError as e:
+        print(f"pyvirtiofsd: {e}", file=sys.stderr)
+        return 2
+    if config.version:
         print(f"pyvirtiofsd {__version__}")
         return 0
-    if not args.shared_dir:
-        print("pyvirtiofsd: --shared-dir is required", file=sys.stderr)
+    if config.print_capabilities:
+        print(options.capabilities_json())
+        return 0
+    refused = _refused(config)
+    if refused:
+        print(f"pyvirtiofsd: {refused[0]}: not implemented yet", file=sys.stderr)
         return 2
-    if args.shared_dir.startswith("source="):  # C virtiofsd's -o source=DIR
-        args.shared_dir = args.shared_dir[len("source="):]
-    if not args.socket_path and args.fd is None:
-        print("pyvirtiofsd: --socket-path or --fd is required", file=sys.stderr)
-        return 2
-    _setup_logging(args.log_level, args.syslog)
+    try:
+        return _run(config)
+    except StartupError as e:
+        print(f"pyvirtiofsd: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(config: Config) -> int:
+    _setup_logging(config.log_level, config.syslog)
     if not ORDERING_IS_SAFE:
         log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
         return 1
-    if args.sandbox is None:
-        args.sandbox = "namespace" if os.geteuid() == 0 else "none"
+    if config.sandbox is None:
+        config.sandbox = "namespace" if os.geteuid() == 0 else "none"
     try:
-        keep_caps = sandbox.parse_modcaps(args.modcaps)
-        sandbox.set_rlimit_nofile(args.rlimit_nofile)
+        keep_caps = sandbox.parse_modcaps(config.modcaps)
+        if config.rlimit_nofile != 0:  # 0: leave the limit as it is (virtiofsd)
+            sandbox.set_rlimit_nofile(config.rlimit_nofile)
     except sandbox.SandboxError as e:
-        print(f"pyvirtiofsd: {e}", file=sys.stderr)
-        return 2
+        raise StartupError(str(e)) from None
+    if os.path.isdir(config.shared_dir) and not os.access(
+            config.shared_dir, os.R_OK | os.X_OK, effective_ids=True):
+        # An O_PATH open would still succeed, and every guest request would then fail.
+        raise StartupError(f"cannot share {config.shared_dir!r}: Permission denied (cannot "
+                           "read and search it)")
     try:
-        fs = PassthroughFs(args.shared_dir, cache=args.cache, readonly=args.readonly,
-                           xattr=args.xattr, posix_locks=args.posix_lock, flock=args.flock,
-                           inode_file_handles=args.inode_file_handles)
+        fs = PassthroughFs(config.shared_dir, cache=config.cache, readonly=config.readonly,
+                           xattr=config.xattr, posix_locks=config.posix_lock,
+                           flock=config.flock, inode_file_handles=config.inode_file_handles)
     except (OSError, ValueError) as e:
-        print(f"pyvirtiofsd: cannot share {args.shared_dir!r}: {e}", file=sys.stderr)
-        return 1
+        raise StartupError(f"cannot share {config.shared_dir!r}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
 
     def on_signal(signum, frame):
         # Stop once.  A second SIGTERM/SIGINT must neither interrupt the clean-up below nor
@@ -143,26 +191,35 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cleanup: list[tuple[int, str]] = []  # (dir fd, name): unlinkable after a chroot too
-    if args.fd is not None:
-        listener = socket.socket(fileno=args.fd)
+    if config.fd is not None:
+        listener = _inherited_listener(config.fd)
     else:
-        listener = _listen(args.socket_path)
-        pid_path = args.socket_path + ".pid"
-        with open(pid_path, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        dfd = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
-                      os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        cleanup = [(dfd, os.path.basename(args.socket_path)), (dfd, os.path.basename(pid_path))]
+        path = config.socket_path
+        try:
+            dfd = os.open(os.path.dirname(os.path.abspath(path)),
+                          os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            listener = _listen(path, config.socket_group)
+        except OSError as e:
+            raise StartupError(f"--socket-path {path}: {e.strerror}") from None
+        pid_path = path + ".pid"
+        cleanup = [(dfd, os.path.basename(path))]
+        try:
+            with open(pid_path, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            _remove(cleanup)
+            raise StartupError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
+        cleanup.append((dfd, os.path.basename(pid_path)))
     try:
-        if args.sandbox == "namespace":
+        if config.sandbox == "namespace":
             child = sandbox.fork_into_pid_namespace()
             if child:
                 listener.close()
                 return _supervise(child, cleanup)
             fs.reopen_proc_fd()
-        sandbox.enter(args.sandbox, args.shared_dir)
+        sandbox.enter(config.sandbox, config.shared_dir)
         sandbox.drop_capabilities(keep_caps)
-        seccomp.install(args.seccomp)
+        seccomp.install(config.seccomp)
     except (sandbox.SandboxError, OSError) as e:
         print(f"pyvirtiofsd: cannot enter the sandbox: {e}", file=sys.stderr)
         _remove(cleanup)
@@ -170,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones land here
-        log.info("waiting for a vhost-user frontend on %s", args.socket_path or f"fd {args.fd}")
+        log.info("waiting for a vhost-user frontend on %s", config.socket_path or f"fd {config.fd}")
         conn, _ = listener.accept()
         listener.close()
         _remove(cleanup[:1])
         log.info("frontend connected")
-        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=args.thread_pool_size))
+        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")

@@ -101,9 +101,10 @@ def fork_into_pid_namespace() -> int:
 
 
 def parse_modcaps(spec: str | None) -> set[str]:
-    """'+sys_admin,-mknod' adjusts the default set."""
+    """'+sys_admin:-mknod' (virtiofsd's form) or '+sys_admin,-mknod' adjusts the default
+    set."""
     caps = set(DEFAULT_CAPS)
-    for item in filter(None, (spec or "").split(",")):
+    for item in filter(None, (spec or "").replace(":", ",").split(",")):
         sign, name = item[0], item[1:].lower().removeprefix("cap_")
         if sign not in "+-" or name not in CAPS:
             raise SandboxError(f"bad --modcaps entry {item!r}")

@@ -21,6 +21,7 @@ from . import abi
 from .abi import Opcode
 
 log = logging.getLogger(__name__)
+TRACE = 5  # --log-level=trace: below DEBUG, one line per request
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
@@ -203,6 +204,7 @@ class FuseServer:
         self._counts_local = threading.local()
         self._all_counts: list[collections.Counter] = []
         self._waiters: dict[int, _LockWaiter] = {}
+        self._trace = log.isEnabledFor(TRACE)  # decided once: the check costs per request
         self._waiters_lock = threading.Lock()
         self._handlers = {}
         for op in Opcode:
@@ -239,6 +241,9 @@ class FuseServer:
         except AttributeError:
             self._counts_local.counts = c = collections.Counter({opcode: 1})
             self._all_counts.append(c)
+        if self._trace:
+            log.log(TRACE, "request %s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
+                    _opname(opcode), unique, nodeid, uid, gid, pid, length)
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)

@@ -1,0 +1,327 @@
+"""The command line: virtiofsd 1.13's options (and the C virtiofsd's ``-o`` forms that libvirt
+still passes) parsed into one :class:`~pyvirtiofs.config.Config`.
+
+:func:`parse` raises :class:`UsageError` (exit status 2) with a one-line message naming the
+option for anything the command line gets wrong: an unknown option, a value of the wrong type
+or out of range, a malformed mapping, a contradiction.  Whether the environment allows what
+was asked (the directory exists, the socket can be made) is decided later, by the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import Config, NamespaceIdRange, TranslateRule, XattrMapRule
+
+PROG = "pyvirtiofsd"
+
+#: What ``--print-capabilities`` prints (libvirt's vhost-user.json "fs" backend).  No
+#: "migrate-precopy": migration is not implemented.  No "separate-options": with it, libvirt
+#: refuses <lock posix/flock> settings, which pyvirtiofsd does honour when given as ``-o``.
+CAPABILITIES = {"type": "fs", "features": []}
+
+#: Options the daemon parses but does not implement yet: Config field -> how it is spelled.
+#: main() refuses any of them that is set, with a one-line error, rather than ignore it.
+NOT_IMPLEMENTED = {
+    "translate_uid": "--translate-uid", "translate_gid": "--translate-gid",
+    "uid_map": "--uid-map", "gid_map": "--gid-map", "xattrmap": "--xattrmap",
+    "posix_acl": "--posix-acl", "security_label": "--security-label",
+    "announce_submounts": "--announce-submounts",
+}
+
+LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _grammar(parse, what: str):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    convert.__name__ = what  # argparse names the type in some messages
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, allow_abbrev=False,
+                usage=f"{PROG} --shared-dir DIR (--socket-path PATH | --fd N) [options]",
+                description="virtiofs daemon (vhost-user-fs backend) serving a host directory; "
+                            "a drop-in for virtiofsd 1.13")
+    S = argparse.SUPPRESS  # set only when given: the Config's defaults stay the defaults
+    where = p.add_argument_group("what to share and where")
+    where.add_argument("--shared-dir", default=S, help="the directory the guest sees")
+    where.add_argument("--socket-path", default=S, help="vhost-user Unix socket to create; a "
+                       "stale socket there is replaced, anything else is refused")
+    where.add_argument("--socket", dest="socket_path", default=S,
+                       help="same as --socket-path (deprecated)")
+    where.add_argument("--socket-group", default=S,
+                       help="give the socket to this group and let the group connect")
+    where.add_argument("--fd", type=_non_negative, default=S,
+                       help="an inherited, already listening socket instead of --socket-path")
+    where.add_argument("--tag", default=S, help="tag the device advertises (not implemented)")
+    where.add_argument("--readonly", action="store_true", default=S,
+                       help="refuse every change with EROFS")
+    cache = p.add_argument_group("caching and I/O")
+    cache.add_argument("--cache", choices=["never", "auto", "always", "metadata"], default=S,
+                       help="guest caching of entries, attributes and data (default auto)")
+    cache.add_argument("--writeback", action="store_true", default=S,
+                       help="let the guest cache writes and send them later (FUSE writeback "
+                            "cache)")
+    cache.add_argument("--allow-direct-io", action="store_true", default=S,
+                       help="honour the guest's O_DIRECT on the host file (default: drop it)")
+    cache.add_argument("--allow-mmap", action="store_true", default=S,
+                       help="with --cache=never or metadata, let the guest mmap files shared")
+    cache.add_argument("--killpriv-v2", dest="killpriv_v2", action="store_true", default=S,
+                       help="the daemon clears suid/sgid/capabilities on writes, truncates "
+                            "and chown by the guest (FUSE_HANDLE_KILLPRIV_V2; default on)")
+    cache.add_argument("--no-killpriv-v2", dest="killpriv_v2", action="store_false", default=S,
+                       help="leave that to the guest kernel")
+    cache.add_argument("--preserve-noatime", action="store_true", default=S,
+                       help="keep the guest's O_NOATIME (default: drop it)")
+    cache.add_argument("--no-readdirplus", dest="readdirplus", action="store_false", default=S,
+                       help="do not offer READDIRPLUS")
+    cache.add_argument("--announce-submounts", dest="announce_submounts", action="store_true",
+                       default=S, help="mark host mount points so the guest mounts them "
+                                       "separately (not implemented yet)")
+    cache.add_argument("--no-announce-submounts", dest="announce_submounts",
+                       action="store_false", default=S, help="do not (the current behaviour)")
+    xa = p.add_argument_group("extended attributes and identities")
+    xa.add_argument("--xattr", dest="xattr", action="store_true", default=S,
+                    help="serve extended attributes (default on)")
+    xa.add_argument("--no-xattr", dest="xattr", action="store_false", default=S,
+                    help="answer extended-attribute requests with ENOSYS")
+    xa.add_argument("--posix-acl", action="store_true", default=S,
+                    help="POSIX ACLs (implies --xattr)")
+    xa.add_argument("--security-label", action="store_true", default=S,
+                    help="security labels on creation (implies --xattr)")
+    xa.add_argument("--xattrmap", type=_grammar(XattrMapRule.parse_all, "xattr map"), default=S,
+                    help="rules translating xattr names, e.g. :map::user.virtiofs.: "
+                         "(implies --xattr)")
+    xa.add_argument("--translate-uid", action="append",
+                    type=_grammar(TranslateRule.parse, "uid rule"), default=S,
+                    metavar="TYPE:SOURCE:TARGET:COUNT",
+                    help="translate uids between guest and host (guest, host, squash-guest, "
+                         "squash-host, forbid-guest, map); repeatable")
+    xa.add_argument("--translate-gid", action="append",
+                    type=_grammar(TranslateRule.parse, "gid rule"), default=S,
+                    metavar="TYPE:SOURCE:TARGET:COUNT", help="the same for gids")
+    xa.add_argument("--uid-map", action="append",
+                    type=_grammar(NamespaceIdRange.parse, "uid map"), default=S,
+                    metavar=":NS_UID:HOST_UID:COUNT:",
+                    help="uid range of the sandbox's user namespace; repeatable")
+    xa.add_argument("--gid-map", action="append",
+                    type=_grammar(NamespaceIdRange.parse, "gid map"), default=S,
+                    metavar=":NS_GID:HOST_GID:COUNT:", help="the same for gids")
+    locks = p.add_argument_group("locks (pyvirtiofsd only)")
+    locks.add_argument("--posix-lock", action=argparse.BooleanOptionalAction, default=S,
+                       help="forward POSIX record locks to the host as OFD locks (default on)")
+    locks.add_argument("--flock", action=argparse.BooleanOptionalAction, default=S,
+                       help="forward flock() locks to the host (default on)")
+    conf = p.add_argument_group("confinement and resources")
+    conf.add_argument("--sandbox", choices=["namespace", "chroot", "none"], default=S,
+                      help="confine the daemon to the shared directory (default namespace)")
+    conf.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default=S,
+                      help="system-call allow-list and what to do with other calls "
+                           "(default none)")
+    conf.add_argument("--modcaps", default=S,
+                      help="adjust the capabilities kept: +a:-b or +a,-b")
+    conf.add_argument("--rlimit-nofile", type=_non_negative, default=S,
+                      help="open-file limit (0 leaves it; default: the hard limit)")
+    conf.add_argument("--thread-pool-size", type=_non_negative, default=S,
+                      help="threads that take requests off a busy queue (0: none, the "
+                           "default)")
+    conf.add_argument("--inode-file-handles", choices=["never", "prefer", "mandatory",
+                                                       "fallback"], default=S,
+                      help="hold inodes as file handles rather than O_PATH fds (fallback is "
+                           "the old name of prefer)")
+    mig = p.add_argument_group("migration (not implemented: only the defaults are accepted)")
+    mig.add_argument("--migration-mode", choices=["find-paths", "file-handles"], default=S)
+    mig.add_argument("--migration-on-error", choices=["abort", "guest-error"], default=S)
+    mig.add_argument("--migration-verify-handles", action="store_true", default=S)
+    mig.add_argument("--migration-confirm-paths", action="store_true", default=S)
+    logs = p.add_argument_group("logging")
+    logs.add_argument("--log-level", choices=LOG_LEVELS + ("warning",), default=S)
+    logs.add_argument("-d", dest="log_level", action="store_const", const="debug", default=S,
+                      help="same as --log-level=debug")
+    logs.add_argument("--syslog", action="store_true", default=S, help="log to syslog")
+    other = p.add_argument_group("compatibility and information")
+    other.add_argument("-o", dest="compat", action="append", default=[],
+                       metavar="OPT[,OPT...]",
+                       help="the C virtiofsd's options: source=DIR, cache=none|auto|always, "
+                            "[no_]xattr, [no_]flock, [no_]posix_lock, [no_]writeback, "
+                            "[no_]readdirplus, [no_]allow_direct_io, [no_]killpriv_v2, "
+                            "[no_]posix_acl, [no_]security_label, announce_submounts, "
+                            "xattrmap=, modcaps=, log_level=, sandbox=, timeout=, debug, "
+                            "norace")
+    other.add_argument("-f", dest="foreground", action="store_true",
+                       help="no effect: the daemon always stays in the foreground")
+    other.add_argument("--print-capabilities", action="store_true", default=S,
+                       help="print the vhost-user.json capabilities and exit")
+    other.add_argument("-V", "--version", action="store_true", default=S,
+                       help="print the version and exit")
+    return p
+
+
+# -o NAME[=VALUE]: the C virtiofsd's spellings, mapped onto Config fields.
+_COMPAT_FLAGS = {
+    "xattr": ("xattr", True), "no_xattr": ("xattr", False),
+    "flock": ("flock", True), "no_flock": ("flock", False),
+    "posix_lock": ("posix_lock", True), "no_posix_lock": ("posix_lock", False),
+    "writeback": ("writeback", True), "no_writeback": ("writeback", False),
+    "readdirplus": ("readdirplus", True), "no_readdirplus": ("readdirplus", False),
+    "allow_direct_io": ("allow_direct_io", True), "no_allow_direct_io": ("allow_direct_io", False),
+    "killpriv_v2": ("killpriv_v2", True), "no_killpriv_v2": ("killpriv_v2", False),
+    "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
+    "security_label": ("security_label", True), "no_security_label": ("security_label", False),
+    "announce_submounts": ("announce_submounts", True),
+    "debug": ("log_level", "debug"),
+}
+_COMPAT_LOG_LEVELS = {"err": "error", "error": "error", "warn": "warn", "info": "info",
+                      "debug": "debug"}
+_COMPAT_CACHE = {"none": "never", "auto": "auto", "always": "always"}
+
+
+def _split_compat(text: str) -> list[str]:
+    """Split at single commas; ',,' is a literal comma (QEMU's escaping, which libvirt uses
+    for a shared directory whose name has a comma)."""
+    items, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    items.append("".join(cur))
+    return [x for x in items if x]
+
+
+def _apply_compat(values: dict, text: str) -> None:
+    for item in _split_compat(text):
+        name, eq, value = item.partition("=")
+        where = f"-o {item}"
+        if name in _COMPAT_FLAGS and not eq:
+            field_name, v = _COMPAT_FLAGS[name]
+            values[field_name] = v
+        elif name == "norace" and not eq:
+            pass  # we never fall back to racy path-based calls; nothing to disable
+        elif name == "source" and eq:
+            values["shared_dir"] = value
+        elif name == "cache" and eq:
+            if value not in _COMPAT_CACHE:
+                raise UsageError(f"{where}: cache is one of none, auto, always")
+            values["cache"] = _COMPAT_CACHE[value]
+        elif name == "log_level" and eq:
+            if value not in _COMPAT_LOG_LEVELS:
+                raise UsageError(f"{where}: log_level is one of err, warn, info, debug")
+            values["log_level"] = _COMPAT_LOG_LEVELS[value]
+        elif name == "sandbox" and eq:
+            if value not in ("namespace", "chroot"):
+                raise UsageError(f"{where}: sandbox is namespace or chroot")
+            values["sandbox"] = value
+        elif name == "modcaps" and eq:
+            values["modcaps"] = value
+        elif name == "xattrmap" and eq:
+            try:
+                values["xattrmap"] = XattrMapRule.parse_all(value)
+            except ValueError as e:
+                raise UsageError(f"{where}: {e}") from None
+        elif name == "timeout" and eq:
+            try:
+                t = float(value)
+            except ValueError:
+                raise UsageError(f"{where}: not a number of seconds") from None
+            if not 0 <= t < 2 ** 63:
+                raise UsageError(f"{where}: out of range")
+            values["timeout"] = t
+        else:
+            raise UsageError(f"unknown or malformed compat option {where!r}")
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """The command line as a Config; UsageError for anything wrong with it."""
+    args = argv if argv is not None else sys.argv[1:]
+    ns = vars(build_parser().parse_args(args))
+    values: dict = {}
+    for text in ns.pop("compat"):
+        _apply_compat(values, text)
+    ns.pop("foreground")
+    values.update(ns)  # the long options win over -o
+    if values.get("inode_file_handles") == "fallback":
+        values["inode_file_handles"] = "prefer"
+    if values.get("log_level") == "warning":
+        values["log_level"] = "warn"
+    for key in ("translate_uid", "translate_gid", "uid_map", "gid_map"):
+        if key in values:
+            values[key] = tuple(values[key])
+    config = Config(**values)
+    _check(config, values)
+    return config
+
+
+def _check(c: Config, given: dict) -> None:
+    if c.print_capabilities or c.version:
+        return
+    if not c.shared_dir:
+        raise UsageError("--shared-dir (or -o source=DIR) is required")
+    if c.socket_path is None and c.fd is None:
+        raise UsageError("--socket-path or --fd is required")
+    if c.socket_path is not None and c.fd is not None:
+        raise UsageError("--socket-path and --fd exclude each other")
+    if c.socket_path == "":
+        raise UsageError("--socket-path: empty path")
+    needs_xattr = [o for o, on in (("--posix-acl", c.posix_acl),
+                                   ("--security-label", c.security_label),
+                                   ("--xattrmap", c.xattrmap is not None)) if on]
+    if needs_xattr:
+        if given.get("xattr") is False:
+            raise UsageError(f"{needs_xattr[0]} needs extended attributes, but --no-xattr "
+                             "was given")
+        c.xattr = True
+    if c.posix_acl and (c.translate_uid or c.translate_gid):
+        raise UsageError("--posix-acl cannot be combined with --translate-uid/--translate-gid "
+                         "(translated ids would break the ACLs)")
+    if c.modcaps is not None:
+        from . import sandbox
+        try:
+            sandbox.parse_modcaps(c.modcaps)
+        except sandbox.SandboxError as e:
+            raise UsageError(f"--modcaps: {e}") from None
+    # Migration is not implemented (QEMU 7.2 cannot migrate a vhost-user-fs device, and we
+    # advertise no migration feature), so only the values that change nothing are accepted.
+    for field_name, option, default in (
+            ("migration_mode", "--migration-mode", "find-paths"),
+            ("migration_on_error", "--migration-on-error", "abort"),
+            ("migration_verify_handles", "--migration-verify-handles", False),
+            ("migration_confirm_paths", "--migration-confirm-paths", False)):
+        if getattr(c, field_name) != default:
+            raise UsageError(f"{option}: migration is not implemented")
+
+
+def capabilities_json() -> str:
+    return json.dumps(CAPABILITIES, indent=2)
