@@ -123,6 +123,15 @@ def _refused(config: Config) -> list[str]:
     out = [opt for name, opt in options.NOT_IMPLEMENTED.items() if getattr(config, name)]
     if config.tag is not None:
         out.append("--tag")
+    for on, opt in ((config.writeback, "--writeback"),
+                    (config.allow_direct_io, "--allow-direct-io"),
+                    (config.allow_mmap, "--allow-mmap"),
+                    (config.preserve_noatime, "--preserve-noatime"),
+                    (not config.readdirplus, "--no-readdirplus"),
+                    (not config.killpriv_v2, "--no-killpriv-v2"),
+                    (config.timeout is not None, "-o timeout")):
+        if on:
+            out.append(opt)
     return out
 
 
