@@ -176,10 +176,18 @@ def _run(config: Config) -> int:
         # An O_PATH open would still succeed, and every guest request would then fail.
         raise StartupError(f"cannot share {config.shared_dir!r}: Permission denied (cannot "
                            "read and search it)")
+    table = None
+    if config.version_table:
+        from .version_table import VersionTable, VersionTableError
+        try:
+            table = VersionTable(config.version_table, config.version_table_slots)
+        except VersionTableError as e:
+            raise StartupError(f"--version-table: {e}") from None
     try:
         fs = PassthroughFs(config.shared_dir, cache=config.cache, readonly=config.readonly,
                            xattr=config.xattr, posix_locks=config.posix_lock,
-                           flock=config.flock, inode_file_handles=config.inode_file_handles)
+                           flock=config.flock, inode_file_handles=config.inode_file_handles,
+                           version_table=table)
     except (OSError, ValueError) as e:
         raise StartupError(f"cannot share {config.shared_dir!r}: "
                            f"{getattr(e, 'strerror', None) or e}") from None

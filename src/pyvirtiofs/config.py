@@ -192,6 +192,9 @@ class Config:
     flock: bool = True
     # inodes
     inode_file_handles: str = "never"    # never | prefer | mandatory
+    # several daemons on one tree (beyond virtiofsd): the shared metadata version table
+    version_table: str | None = None     # a file in /dev/shm
+    version_table_slots: int = 1 << 16   # slots of a table this daemon creates
     # confinement and resources
     sandbox: str | None = None           # namespace | chroot | none; None: by privilege
     seccomp: str = "none"                # differs: virtiofsd's default is kill

@@ -143,6 +143,15 @@ class FileSystem:
         """Called after every request (in the thread that served it) when
         ``wants_end_request`` is true: per-request clean-up."""
 
+    #: A :class:`pyvirtiofs.version_table.VersionTable` the file system bumps on every metadata
+    #: change, or None.  With one, guests may negotiate the version extension
+    #: (docs/version-table.md) and the server calls :meth:`version_slot`.
+    version_table = None
+
+    def version_slot(self, inode: int) -> int:
+        """The version-table slot of an inode (only called when ``version_table`` is set)."""
+        raise FsError(errno.ENOSYS)
+
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         raise FsError(errno.ENOSYS)
 

@@ -63,6 +63,11 @@ def _grammar(parse, what: str):
     return convert
 
 
+def _table_slots(text: str) -> int:
+    from .version_table import parse_slots
+    return parse_slots(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, allow_abbrev=False,
                 usage=f"{PROG} --shared-dir DIR (--socket-path PATH | --fd N) [options]",
@@ -106,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "separately (not implemented yet)")
     cache.add_argument("--no-announce-submounts", dest="announce_submounts",
                        action="store_false", default=S, help="do not (the current behaviour)")
+    share = p.add_argument_group("several daemons on one tree (docs/version-table.md)")
+    share.add_argument("--version-table", metavar="PATH", default=S,
+                       help="shared metadata version table, a file in /dev/shm created if "
+                            "missing, that every daemon serving this tree opens")
+    share.add_argument("--version-table-slots", metavar="N", default=S,
+                       type=_grammar(_table_slots, "slot count"),
+                       help="slots of a table this daemon creates, e.g. 64k or 1M (an "
+                            "existing table keeps its own; default 64k)")
     xa = p.add_argument_group("extended attributes and identities")
     xa.add_argument("--xattr", dest="xattr", action="store_true", default=S,
                     help="serve extended attributes (default on)")

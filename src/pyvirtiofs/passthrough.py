@@ -96,7 +96,7 @@ class _Handle:
 class PassthroughFs(FileSystem):
     def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
                  xattr: bool = True, posix_locks: bool = True, flock: bool = True,
-                 inode_file_handles: str = "never"):
+                 inode_file_handles: str = "never", version_table=None):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"shared directory {root!r} is not a directory")
@@ -110,6 +110,8 @@ class PassthroughFs(FileSystem):
             raise ValueError(f"--inode-file-handles={inode_file_handles}: never, prefer or "
                              "mandatory")
         self.file_handles = inode_file_handles
+        # A shared VersionTable (--version-table): every metadata change below bumps it.
+        self.version_table = version_table
         self.wants_end_request = inode_file_handles != "never"
         self._request_fds = threading.local()  # fds opened from handles for one request
         # Reopening an O_PATH fd goes through /proc/self/fd/N, relative to this directory fd,
@@ -156,6 +158,32 @@ class PassthroughFs(FileSystem):
         if h is None:
             raise FsError(errno.EBADF, f"unknown file handle {fh}")
         return h
+
+    # -- the version table (--version-table) ------------------------------------------------
+    def _bump(self, *keys) -> None:
+        """After a metadata change has been made: bump the (st_dev, st_ino) keys given."""
+        vt = self.version_table
+        for key in keys:
+            if key is not None:
+                vt.bump_inode(*key)
+
+    def _bump_node(self, nodeid: int) -> None:
+        ino = self._inodes.get(nodeid)
+        if ino is not None:
+            self.version_table.bump_inode(*ino.key)
+
+    def _key_at(self, parent: _Inode, name: bytes):
+        """The key of a name about to be removed or replaced (None: there is none)."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def version_slot(self, inode):
+        if self.version_table is None:
+            return super().version_slot(inode)
+        return self.version_table.slot(*self._inode(inode).key)
 
     def _new_handle(self, fd: int, nodeid: int) -> int:
         with self._lock:
@@ -363,6 +391,8 @@ class PassthroughFs(FileSystem):
                 raise FsError(errno.EOPNOTSUPP)
             linux.utimensat(self._proc_fd, str(ino.fd).encode(),
                             spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
+        if self.version_table is not None:
+            self._bump(ino.key)
         return os.stat(ino.fd), self.cache.timeout
 
     def readlink(self, inode, ctx):
@@ -376,7 +406,7 @@ class PassthroughFs(FileSystem):
         p = self._inode(parent)
         with self._as(ctx):
             os.symlink(target, name, dir_fd=p.fd)
-        return self._entry(p, name)
+        return self._created(p, name)
 
     def mknod(self, parent, name, mode, rdev, ctx):
         self._check_writable()
@@ -387,30 +417,53 @@ class PassthroughFs(FileSystem):
                                  stat.S_IMODE(mode), dir_fd=p.fd))
             else:
                 os.mknod(name, mode, rdev, dir_fd=p.fd)
-        return self._entry(p, name)
+        return self._created(p, name)
 
     def mkdir(self, parent, name, mode, ctx):
         self._check_writable()
         p = self._inode(parent)
         with self._as(ctx):
             os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
-        return self._entry(p, name)
+        return self._created(p, name)
+
+    def _created(self, parent: _Inode, name: bytes) -> Entry:
+        """The entry of a name just made in parent; bumps both (the entry after its stat:
+        the reply carries no version, so its attributes need not be newer than one)."""
+        entry = self._entry(parent, name)
+        if self.version_table is not None:
+            self._bump(parent.key, (entry.attr.st_dev, entry.attr.st_ino))
+        return entry
 
     def unlink(self, parent, name, ctx):
         self._check_writable()
-        os.unlink(name, dir_fd=self._inode(parent).fd)
+        p = self._inode(parent)
+        victim = self._key_at(p, name) if self.version_table is not None else None
+        os.unlink(name, dir_fd=p.fd)
+        if self.version_table is not None:
+            self._bump(p.key, victim)  # the victim's link count changed too
 
     def rmdir(self, parent, name, ctx):
         self._check_writable()
-        os.rmdir(name, dir_fd=self._inode(parent).fd)
+        p = self._inode(parent)
+        victim = self._key_at(p, name) if self.version_table is not None else None
+        os.rmdir(name, dir_fd=p.fd)
+        if self.version_table is not None:
+            self._bump(p.key, victim)
 
     def rename(self, parent, name, new_parent, new_name, flags, ctx):
         self._check_writable()
         p, q = self._inode(parent), self._inode(new_parent)
+        vt = self.version_table
+        moved = self._key_at(p, name) if vt is not None else None
+        replaced = self._key_at(q, new_name) if vt is not None else None
         if flags:
             linux.renameat2(p.fd, name, q.fd, new_name, flags)
         else:
             os.rename(name, new_name, src_dir_fd=p.fd, dst_dir_fd=q.fd)
+        if vt is not None:
+            # both directories, the entry moved (ctime, '..') and the one it replaced (nlink)
+            self._bump(p.key, q.key if q is not p else None, moved,
+                       replaced if replaced != moved else None)
 
     def link(self, inode, new_parent, new_name, ctx):
         self._check_writable()
@@ -422,6 +475,8 @@ class PassthroughFs(FileSystem):
                 raise
             os.link(str(ino.fd), new_name, src_dir_fd=self._proc_fd, dst_dir_fd=q.fd,
                     follow_symlinks=True)
+        if self.version_table is not None:
+            self._bump(ino.key, q.key)  # the link count and the directory
         return self._entry(q, new_name)
 
     # -- files ----------------------------------------------------------------------------
@@ -441,6 +496,8 @@ class PassthroughFs(FileSystem):
             # reach outside the share or block a worker.
             raise FsError(errno.ELOOP if ino.is_symlink else errno.EACCES)
         fd = self._reopen(ino, flags & ~_OPEN_STRIP)
+        if flags & os.O_TRUNC and self.version_table is not None:
+            self._bump(ino.key)
         return self._open_result(self._new_handle(fd, inode))
 
     def create(self, parent, name, mode, flags, ctx):
@@ -454,6 +511,8 @@ class PassthroughFs(FileSystem):
         except BaseException:
             os.close(fd)
             raise
+        if self.version_table is not None:
+            self._bump(p.key, (entry.attr.st_dev, entry.attr.st_ino))
         return entry, self._open_result(self._new_handle(fd, entry.inode))
 
     def tmpfile(self, parent, mode, flags, ctx):
@@ -486,6 +545,8 @@ class PassthroughFs(FileSystem):
         n = os.pwritev(fd, buffers, offset) if buffers else 0
         if kill_priv:
             self._kill_priv(fd)
+        if self.version_table is not None:
+            self._bump_node(inode)  # size and mtime
         return n
 
     def _kill_priv(self, fd: int) -> None:
@@ -508,7 +569,10 @@ class PassthroughFs(FileSystem):
 
     def write(self, inode, fh, offset, data, ctx):
         self._check_writable()
-        return os.pwrite(self._handle(fh).fd, data, offset)
+        n = os.pwrite(self._handle(fh).fd, data, offset)
+        if self.version_table is not None:
+            self._bump_node(inode)
+        return n
 
     def flush(self, inode, fh, lock_owner):
         # close() semantics: the guest process closed a file, which drops its POSIX locks.
@@ -577,6 +641,8 @@ class PassthroughFs(FileSystem):
     def fallocate(self, inode, fh, mode, offset, length):
         self._check_writable()
         linux.fallocate(self._handle(fh).fd, mode, offset, length)
+        if self.version_table is not None:
+            self._bump_node(inode)
 
     def lseek(self, inode, fh, offset, whence):
         if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
@@ -587,8 +653,11 @@ class PassthroughFs(FileSystem):
         self._check_writable()
         if flags:
             raise FsError(errno.EINVAL)
-        return os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
-                                  off_in, off_out)
+        n = os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
+                               off_in, off_out)
+        if self.version_table is not None:
+            self._bump_node(inode_out)
+        return n
 
     def syncfs(self, inode):
         fd = self._reopen(self._inode(ROOT_INODE), os.O_RDONLY | os.O_DIRECTORY)
@@ -639,6 +708,8 @@ class PassthroughFs(FileSystem):
         self._check_writable()
         with self._xattr_fd(inode) as fd:
             os.setxattr(fd, name, value, flags)
+        if self.version_table is not None:
+            self._bump_node(inode)
 
     def getxattr(self, inode, name, ctx):
         with self._xattr_fd(inode) as fd:
@@ -652,3 +723,5 @@ class PassthroughFs(FileSystem):
         self._check_writable()
         with self._xattr_fd(inode) as fd:
             os.removexattr(fd, name)
+        if self.version_table is not None:
+            self._bump_node(inode)

@@ -25,8 +25,8 @@ with version v include every change whose bump produced a version <= v.
 
 Atomics come from the ``atomics`` package (lock-free operations on any writable buffer, built
 on a small C library), so several processes bump one slot without a lock and without losing
-an increment.  Its Python layers cost several microseconds an operation; views are cached per
-slot so a bump is one load and one CAS.
+an increment.  Its Python layers cost several microseconds an operation; views are kept open
+per word so a bump is one load and one CAS.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import mmap
 import os
 import struct
 import threading
+import weakref
+from contextlib import contextmanager
 
 import atomics
 
@@ -116,27 +118,31 @@ class VersionTable:
             os.close(self.fd)
             raise
         self._mv = memoryview(self._map)
-        self._views: dict[int, tuple] = {}  # offset -> (context, view)
+        self._views: dict[int, tuple] = {}  # offset -> (context, view), open until close()
         self._views_lock = threading.Lock()
+        # Views must be closed before they are collected (atomics refuses otherwise), also
+        # when the process exits without close().
+        self._finalizer = weakref.finalize(self, _close_views, self._views)
         self._slot_of: dict[int, int] = {}  # key -> slot, learnt once (a slot never moves)
 
     # -- atomics ----------------------------------------------------------------------------
+    @contextmanager
     def _word(self, offset: int):
-        """The atomic view of the u64 at ``offset`` (cached; creating one costs ~50 us)."""
+        """The atomic view of the u64 at ``offset``.  Views are kept open for the first
+        ``_VIEW_CACHE`` words (making one costs ~50 us); past that, one is made per use."""
         cv = self._views.get(offset)
         if cv is not None:
-            return cv[1]
+            yield cv[1]
+            return
         with self._views_lock:
             cv = self._views.get(offset)
-            if cv is None:
-                if len(self._views) >= _VIEW_CACHE:
-                    # Drop the oldest: a view only caches an address (a thread still using
-                    # it keeps its buffer alive until it is done).
-                    self._views.pop(next(iter(self._views)))
-                ctx = atomics.atomicview(buffer=self._mv[offset:offset + 8], atype=atomics.UINT)
-                cv = (ctx, ctx.__enter__())
-                self._views[offset] = cv
-        return cv[1]
+            if cv is None and len(self._views) < _VIEW_CACHE:
+                cv = self._views[offset] = _open_view(self._mv, offset)
+        if cv is not None:
+            yield cv[1]
+            return
+        with atomics.atomicview(buffer=self._mv[offset:offset + 8], atype=atomics.UINT) as v:
+            yield v
 
     @staticmethod
     def _key_offset(slot: int) -> int:
@@ -163,30 +169,31 @@ class VersionTable:
         start = key % n
         for i in range(min(MAX_PROBE, n)):
             s = 1 + (start + i) % n
-            word = self._word(self._key_offset(s))
-            k = word.load()
-            if k == key:
-                return s
-            if k == 0:
-                res = word.cmpxchg_strong(0, key)
-                if res.success or res.expected == key:
+            with self._word(self._key_offset(s)) as word:
+                k = word.load()
+                if k == key:
                     return s
-                # another inode took it between our load and CAS: keep probing
+                if k == 0:
+                    res = word.cmpxchg_strong(0, key)
+                    if res.success or res.expected == key:
+                        return s
+                    # another inode took it between our load and CAS: keep probing
         return OVERFLOW_SLOT
 
     def version(self, slot: int) -> int:
         """The slot's version now (an acquire load; call before reading the attributes)."""
-        return self._word(self._version_offset(slot)).load()
+        with self._word(self._version_offset(slot)) as word:
+            return word.load()
 
     def bump(self, slot: int) -> int:
         """Add one to the slot's version with a CAS loop; returns the new version."""
-        word = self._word(self._version_offset(slot))
-        v = word.load()
-        while True:
-            res = word.cmpxchg_strong(v, (v + 1) & _U64)
-            if res.success:
-                return (v + 1) & _U64
-            v = res.expected
+        with self._word(self._version_offset(slot)) as word:
+            v = word.load()
+            while True:
+                res = word.cmpxchg_strong(v, (v + 1) & _U64)
+                if res.success:
+                    return (v + 1) & _U64
+                v = res.expected
 
     def bump_inode(self, dev: int, ino: int) -> int:
         return self.bump(self.slot(dev, ino))
@@ -198,12 +205,21 @@ class VersionTable:
 
     def close(self) -> None:
         with self._views_lock:
-            views, self._views = self._views, {}
-        for ctx, _view in views.values():
-            ctx.__exit__(None, None, None)
+            self._finalizer()
         self._mv.release()
         self._map.close()
         os.close(self.fd)
+
+
+def _open_view(mv: memoryview, offset: int) -> tuple:
+    ctx = atomics.atomicview(buffer=mv[offset:offset + 8], atype=atomics.UINT)
+    return ctx, ctx.__enter__()
+
+
+def _close_views(views: dict) -> None:
+    for ctx, _view in views.values():
+        ctx.__exit__(None, None, None)
+    views.clear()
 
 
 def _open_or_create(path: str, nslots: int) -> int:

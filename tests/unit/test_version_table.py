@@ -82,6 +82,19 @@ def test_full_table_shares_the_overflow_slot(table_path):
         t.close()
 
 
+def test_past_the_view_cache_words_still_work(table_path, monkeypatch):
+    monkeypatch.setattr(vt, "_VIEW_CACHE", 3)
+    t = VersionTable(table_path, 256)
+    try:
+        slots = [t.slot(8, ino) for ino in range(40)]
+        for s in slots:
+            t.bump(s)
+        assert [t.version(s) for s in slots] == [1] * 40
+        assert len(set(slots)) == 40
+    finally:
+        t.close()
+
+
 def test_not_a_table_is_refused(table_path):
     with open(table_path, "wb") as f:
         f.write(b"something else" * 1000)

@@ -90,6 +90,9 @@ SUBMOUNTS = 1 << 27
 HANDLE_KILLPRIV_V2 = 1 << 28
 SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
+# pyvirtiofs's own extension (docs/version-table.md), far above the upstream bits: LOOKUP and
+# GETATTR replies end with a VERSION_OUT naming the inode's version-table slot and version.
+PYVFS_VERSION_TABLE = 1 << 63
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -159,6 +162,7 @@ COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")   # fh_in off_in nodeid_out fh_ou
 FILE_LOCK = struct.Struct("<QQII")               # start end type pid
 LK_IN = struct.Struct("<QQQQIIII")               # fh owner lk(start end type pid) lk_flags padding
 LK_OUT = FILE_LOCK
+VERSION_OUT = struct.Struct("<QQ")               # slot version (PYVFS_VERSION_TABLE)
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert ENTRY_OUT_HEAD.size + ATTR.size == 128 and ATTR_OUT_HEAD.size + ATTR.size == 104

@@ -333,6 +333,8 @@ class FuseServer:
                 want |= abi.WRITEBACK_CACHE
             if caps.posix_acl:
                 want |= abi.POSIX_ACL | abi.DONT_MASK
+            if self.fs.version_table is not None:
+                want |= abi.PYVFS_VERSION_TABLE
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
             self.flags = want & guest
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
@@ -373,7 +375,21 @@ class FuseServer:
     # -- names and inodes -----------------------------------------------------------------
     def _op_lookup(self, req, r, w):
         (name,) = self._names(r, 1)
-        return self._reply(w, encode_entry(self.fs.lookup(req.nodeid, name, req.ctx)))
+        entry = self.fs.lookup(req.nodeid, name, req.ctx)
+        if not self.flags & abi.PYVFS_VERSION_TABLE:
+            return self._reply(w, encode_entry(entry))
+        try:
+            # The version is read before the attributes it vouches for: stat again after it.
+            slot, version = self._version(entry.inode)
+            entry.attr, _ = self.fs.getattr(entry.inode, None, req.ctx)
+            return self._reply(w, encode_entry(entry) + abi.VERSION_OUT.pack(slot, version))
+        except BaseException:
+            self.fs.forget(entry.inode, 1)  # the guest never learns of this reference
+            raise
+
+    def _version(self, inode: int) -> tuple[int, int]:
+        slot = self.fs.version_slot(inode)
+        return slot, self.fs.version_table.version(slot)
 
     def _op_forget(self, req, r, w):
         (n,) = abi.FORGET_IN.unpack(r.read(8))
@@ -413,6 +429,10 @@ class FuseServer:
 
     def _op_getattr(self, req, r, w):
         flags, _, fh = _GETATTR_IN_UNPACK(r.read(16))
+        if self.flags & abi.PYVFS_VERSION_TABLE:
+            slot, version = self._version(req.nodeid)  # before the stat (see _op_lookup)
+            attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
+            return self._reply(w, encode_attr_out(attr, t) + abi.VERSION_OUT.pack(slot, version))
         attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
         return self._reply(w, encode_attr_out(attr, t))
 

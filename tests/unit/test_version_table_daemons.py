@@ -1,0 +1,193 @@
+"""Two pyvirtiofsd processes on one tree share one version table: a change made through one
+daemon is seen through the other with exactly one request, and nothing is asked while the
+table says nothing changed (the reference guest client, testing.version_client)."""
+
+import errno
+import os
+import stat
+
+import pytest
+
+from pyvirtiofs.testing.frontend import FuseError
+from pyvirtiofs.testing.version_client import TableView, VersionedClient
+
+
+@pytest.fixture
+def table_path(tmp_path):
+    path = f"/dev/shm/pyvfs-test-{os.getpid()}-{tmp_path.name}"
+    yield path
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@pytest.fixture
+def pair(start_daemon, tmp_path, table_path):
+    """(shared dir, client A on daemon A, caching client B on daemon B, B's table view)."""
+    shared = tmp_path / "tree"
+    shared.mkdir()
+    (shared / "f").write_bytes(b"hello")
+    (shared / "f").chmod(0o644)  # whatever the umask (in-process tests set it to 0)
+    (shared / "sub").mkdir()
+    args = (f"--version-table={table_path}", "--version-table-slots=4096")
+    a = start_daemon(shared, extra_args=args).client()
+    cb = start_daemon(shared, extra_args=args).client(init=False)
+    VersionedClient.init(cb)
+    view = TableView.open_file(table_path)
+    b = VersionedClient(cb, view)
+    yield shared, a, b, view
+    view.close()
+
+
+def _counted(b, fn):
+    before = b.requests
+    out = fn()
+    return out, b.requests - before
+
+
+def test_chmod_through_one_daemon_costs_the_other_one_request(pair):
+    shared, a, b, _ = pair
+    first = b.stat("f")
+    assert stat.S_IMODE(first.mode) == 0o644
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 0
+    node = a.lookup(1, "f").nodeid
+    a.setattr(node, mode=0o600)
+    attr, n = _counted(b, lambda: b.stat("f"))
+    assert stat.S_IMODE(attr.mode) == 0o600 and n == 1
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 0
+    assert first.ino == attr.ino
+
+
+def test_write_through_one_daemon_is_seen_with_one_request(pair):
+    shared, a, b, _ = pair
+    assert b.stat("f").size == 5
+    node = a.lookup(1, "f").nodeid
+    fh = a.open(node, os.O_WRONLY).fh
+    a.write(node, fh, 5, b" world")
+    attr, n = _counted(b, lambda: b.stat("f"))
+    assert (attr.size, n) == (11, 1)
+    a.release(node, fh)
+
+
+def test_rename_and_unlink_are_seen_with_one_request(pair):
+    shared, a, b, _ = pair
+    ino = b.stat("f").ino
+    with pytest.raises(FuseError):
+        b.stat("g")
+    a.rename(1, "f", 1, "g")
+    attr, n = _counted(b, lambda: b.stat("g"))
+    assert (attr.ino, n) == (ino, 1)  # one LOOKUP brings entry, attributes and version
+    with pytest.raises(FuseError) as e:
+        b.stat("f")
+    assert e.value.errno == errno.ENOENT
+    _, n = _counted(b, lambda: b.stat("g"))
+    assert n == 0
+    a.unlink(1, "g")
+    before = b.requests
+    with pytest.raises(FuseError) as e:
+        b.stat("g")
+    assert e.value.errno == errno.ENOENT and b.requests - before == 1
+    before = b.requests
+    with pytest.raises(FuseError):  # the missing name is cached too
+        b.stat("g")
+    assert b.requests == before
+
+
+def test_create_in_a_subdirectory_is_seen_with_one_request(pair):
+    shared, a, b, _ = pair
+    with pytest.raises(FuseError):
+        b.stat("sub/new")
+    sub = a.lookup(1, "sub").nodeid
+    a.create(sub, "new", 0o640)
+    before = b.requests
+    attr = b.stat("sub/new")
+    assert stat.S_IMODE(attr.mode) == 0o640 and b.requests - before == 1
+
+
+def test_xattr_change_bumps(pair):
+    shared, a, b, view = pair
+    b.stat("f")
+    node = a.lookup(1, "f").nodeid
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 0
+    a.setxattr(node, "user.k", b"v")
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 1
+    a.removexattr(node, "user.k")
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 1
+
+
+def test_stat_loop_on_an_unchanged_file_sends_nothing(pair):
+    shared, a, b, _ = pair
+    b.stat("sub")
+    b.stat("f")
+    before = b.requests
+    for _ in range(200):
+        b.stat("f")
+        b.stat("sub")
+    assert b.requests == before
+
+
+def test_reads_through_the_other_daemon_never_bump(pair):
+    shared, a, b, view = pair
+    b.stat("f")
+    slot = b._attrs[b.resolve("f")].slot
+    v = view.version(slot)
+    node = a.lookup(1, "f").nodeid
+    a.getattr(node)
+    fh = a.open(node, os.O_RDONLY).fh
+    assert a.read(node, fh, 0, 5) == b"hello"
+    a.release(node, fh)
+    a.listdir(1)
+    assert view.version(slot) == v
+    _, n = _counted(b, lambda: b.stat("f"))
+    assert n == 0
+
+
+def test_versions_only_grow(pair):
+    shared, a, b, view = pair
+    b.stat("f")
+    fslot = b._attrs[b.resolve("f")].slot
+    rslot = b._slots[1]
+    node = a.lookup(1, "f").nodeid
+    seen = [(view.version(fslot), view.version(rslot))]
+    steps = [lambda: a.setattr(node, mode=0o600), lambda: a.setattr(node, size=2),
+             lambda: a.link(node, 1, "f2"), lambda: a.unlink(1, "f2"),
+             lambda: a.rename(1, "f", 1, "f3"), lambda: a.rename(1, "f3", 1, "f")]
+    for step in steps:
+        step()
+        seen.append((view.version(fslot), view.version(rslot)))
+    files = [s[0] for s in seen]
+    assert all(x < y for x, y in zip(files, files[1:])), seen  # every step changed f
+    dirs = [s[1] for s in seen]
+    assert dirs == sorted(dirs) and dirs[-1] >= dirs[0] + 4, seen  # link, unlink, 2 renames
+
+
+def test_a_daemon_without_a_table_does_not_negotiate(start_daemon, tmp_path):
+    c = start_daemon(extra_args=()).client(init=False)
+    with pytest.raises(RuntimeError, match="did not negotiate"):
+        VersionedClient.init(c)
+    # and its replies keep the plain layout for an ordinary guest
+    assert c.lookup(1, ".").attr.ino
+
+
+def test_bad_version_table_option_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    from .daemon import daemon_env
+    (tmp_path / "s").mkdir()
+    bad = tmp_path / "notatable"
+    bad.write_bytes(b"x" * 8192)
+    for args, msg, status in (
+            (["--version-table", str(bad)], "not a version table", 1),
+            (["--version-table", "/dev/shm/x", "--version-table-slots", "lots"], "not a number", 2),
+            (["--version-table", "/dev/shm/nodir/x"], "cannot create", 1)):
+        p = subprocess.run([sys.executable, "-m", "pyvirtiofs", "--socket-path",
+                            str(tmp_path / "s.sock"), "--shared-dir", str(tmp_path / "s"),
+                            "--sandbox=none", *args], capture_output=True, text=True,
+                           env=daemon_env(), timeout=60)
+        assert p.returncode == status and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
