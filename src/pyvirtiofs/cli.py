@@ -15,11 +15,12 @@ import socket
 import stat
 import sys
 
-from . import __version__, options, sandbox, seccomp
+from . import __version__, options, sandbox, seccomp, version_table
 from .config import Config
 from .device import VirtioFsDevice
 from .fuse.server import TRACE
 from .passthrough import PassthroughFs
+from .vhost_user.shmem import SharedMemory
 from .virtqueue import ORDERING_IS_SAFE
 from .vhost_user.backend import VhostUserBackend
 
@@ -178,10 +179,9 @@ def _run(config: Config) -> int:
                            "read and search it)")
     table = None
     if config.version_table:
-        from .version_table import VersionTable, VersionTableError
         try:
-            table = VersionTable(config.version_table, config.version_table_slots)
-        except VersionTableError as e:
+            table = version_table.VersionTable(config.version_table, config.version_table_slots)
+        except version_table.VersionTableError as e:
             raise StartupError(f"--version-table: {e}") from None
     try:
         fs = PassthroughFs(config.shared_dir, cache=config.cache, readonly=config.readonly,
@@ -249,7 +249,12 @@ def _run(config: Config) -> int:
         listener.close()
         _remove(cleanup[:1])
         log.info("frontend connected")
-        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size))
+        shmem_sizes = [0, 0]  # VIRTIO shared memory regions: 0 the DAX window, 1 the table
+        if table is not None:
+            shmem_sizes[version_table.SHMID] = table.size
+        shmem = SharedMemory(shmem_sizes) if any(shmem_sizes) else None
+        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size,
+                                                  shmem=shmem))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")

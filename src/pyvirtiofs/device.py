@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .filesystem import FileSystem
 from .fuse.server import FuseServer
+from .version_table import GuestMapping
 from .vhost_user.shmem import SharedMemory
 
 HIPRIO_QUEUE = 0
@@ -23,6 +24,13 @@ class VirtioFsDevice:
         self.fs = fs
         self.shmem = shmem  # VIRTIO shared memory regions, if any (the backend offers them)
         self.server = FuseServer(fs)
+        if fs.version_table is not None:
+            # A guest reads the table in shared memory region 1: no region, no extension.
+            if shmem is not None:
+                self.server.version_table_readable = GuestMapping(
+                    fs.version_table, shmem).ensure_mapped
+            else:
+                self.server.version_table_readable = lambda: False
         self.num_queues = 1 + num_request_queues
         # Shared by the request queues; only used when a queue has several requests waiting.
         self.pool = (ThreadPoolExecutor(thread_pool_size, thread_name_prefix="pool")

@@ -47,6 +47,8 @@ MAGIC = b"PYVFSVT1"
 LAYOUT = 1
 HEADER_SIZE = 4096
 SLOT_SIZE = 16
+PAGE_SIZE = 4096
+SHMID = 1                # the VIRTIO shared memory region the guest reads it in
 OVERFLOW_SLOT = 0
 MAX_PROBE = 64
 DEFAULT_SLOTS = 1 << 16  # 1 MiB + a page
@@ -73,7 +75,8 @@ def slot_key(dev: int, ino: int) -> int:
 
 
 def table_bytes(nslots: int) -> int:
-    return HEADER_SIZE + SLOT_SIZE * nslots
+    """The file's size: header and slots, rounded up to whole pages (it is mapped whole)."""
+    return (HEADER_SIZE + SLOT_SIZE * nslots + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
 def parse_slots(text: str) -> int:
@@ -251,3 +254,37 @@ def _open_or_create(path: str, nslots: int) -> int:
         raise VersionTableError(f"cannot create {path}: {e.strerror}") from None
     finally:
         os.unlink(tmp_path)
+
+
+class GuestMapping:
+    """Puts a table in front of the guest: shared memory region ``SHMID``, mapped read-only
+    with SHMEM_MAP when a guest first asks for the extension, and again after every device
+    reset (the frontend drops all mappings then)."""
+
+    def __init__(self, table: VersionTable, shmem):
+        self.table = table
+        self.shmem = shmem
+        self._mapped = False
+        self._lock = threading.Lock()
+        shmem.add_reset_listener(self._dropped)
+
+    def ensure_mapped(self) -> bool:
+        """True when the guest can read the table (mapping it now if need be)."""
+        with self._lock:
+            if self._mapped:
+                return True
+            if not self.shmem.available:
+                log.info("version table not offered: the frontend has no shared memory "
+                         "(vhost-user SHMEM)")
+                return False
+            try:
+                self.shmem.map(SHMID, self.table.fd, 0, 0, self.table.size, writable=False)
+            except OSError as e:
+                log.warning("version table not offered: mapping it failed: %s", e)
+                return False
+            self._mapped = True
+            return True
+
+    def _dropped(self) -> None:
+        with self._lock:
+            self._mapped = False

@@ -26,7 +26,7 @@ def test_created_with_header_and_size(table_path):
     t = VersionTable(table_path, 1000)
     try:
         raw = open(table_path, "rb").read()
-        assert len(raw) == 4096 + 16 * 1000
+        assert len(raw) == 4096 + 16 * 1024  # 16,000 bytes of slots, in whole pages
         assert raw[:8] == b"PYVFSVT1"
         assert struct.unpack_from("<IIQ", raw, 8) == (1, 16, 1000)
         assert set(raw[4096:]) == {0}  # no slot claimed, no version yet

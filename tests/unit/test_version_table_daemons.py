@@ -32,9 +32,9 @@ def pair(start_daemon, tmp_path, table_path):
     (shared / "sub").mkdir()
     args = (f"--version-table={table_path}", "--version-table-slots=4096")
     a = start_daemon(shared, extra_args=args).client()
-    cb = start_daemon(shared, extra_args=args).client(init=False)
+    cb = start_daemon(shared, extra_args=args).client(init=False, shmem=True)
     VersionedClient.init(cb)
-    view = TableView.open_file(table_path)
+    view = TableView.from_region(cb.fe.shmem_regions[1])  # what the daemon mapped
     b = VersionedClient(cb, view)
     yield shared, a, b, view
     view.close()
@@ -167,12 +167,34 @@ def test_versions_only_grow(pair):
     assert dirs == sorted(dirs) and dirs[-1] >= dirs[0] + 4, seen  # link, unlink, 2 renames
 
 
+def test_the_guest_sees_the_table_read_only_in_region_1(pair, table_path):
+    shared, a, b, view = pair
+    region = b.c.fe.shmem_regions[1]
+    mp = region.mapping_at(0)
+    assert (mp.offset, mp.length, mp.writable) == (0, 4096 + 16 * 4096, False)
+    st = os.stat(table_path)
+    assert (mp.dev, mp.ino) == (st.st_dev, st.st_ino)
+    assert region.read(0, 8) == b"PYVFSVT1"
+    with pytest.raises(Exception, match="read-only|faulted"):
+        region.write(4096, b"\1" * 8)  # a guest cannot bump (or forge) a version
+
+
 def test_a_daemon_without_a_table_does_not_negotiate(start_daemon, tmp_path):
-    c = start_daemon(extra_args=()).client(init=False)
+    c = start_daemon(extra_args=()).client(init=False, shmem=True)
     with pytest.raises(RuntimeError, match="did not negotiate"):
         VersionedClient.init(c)
     # and its replies keep the plain layout for an ordinary guest
     assert c.lookup(1, ".").attr.ino
+
+
+def test_no_shared_memory_no_extension(start_daemon, tmp_path, table_path):
+    # A frontend without SHMEM (QEMU up to 10.2) cannot show the guest the table.
+    d = start_daemon(extra_args=(f"--version-table={table_path}",))
+    c = d.client(init=False)
+    with pytest.raises(RuntimeError, match="did not negotiate"):
+        VersionedClient.init(c)
+    assert c.lookup(1, ".").attr.ino  # plain replies
+    assert "no shared memory" in d.wait_log("version table not offered")
 
 
 def test_bad_version_table_option_is_a_clear_error(tmp_path):

@@ -197,6 +197,9 @@ class FuseServer:
         self.flags = 0  # negotiated
         self.proto_minor = 0
         self._init_lock = threading.Lock()
+        # Whether the guest can read the version table (the device maps it into shared
+        # memory); asked at INIT when the guest wants the extension.
+        self.version_table_readable: Callable[[], bool] = lambda: True
         # Only file systems that need per-request clean-up pay for the call.
         self._end_request = fs.end_request if fs.wants_end_request else None
         # Requests seen, by opcode: one Counter per serving thread (no lock on the request
@@ -333,7 +336,8 @@ class FuseServer:
                 want |= abi.WRITEBACK_CACHE
             if caps.posix_acl:
                 want |= abi.POSIX_ACL | abi.DONT_MASK
-            if self.fs.version_table is not None:
+            if (flags2 << 32 & abi.PYVFS_VERSION_TABLE and self.fs.version_table is not None
+                    and self.version_table_readable()):
                 want |= abi.PYVFS_VERSION_TABLE
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
             self.flags = want & guest

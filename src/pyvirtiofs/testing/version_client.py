@@ -21,6 +21,7 @@ daemon.  ``requests`` counts the FUSE requests it sent, for tests.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -55,6 +56,18 @@ class TableView:
         self.nslots = n
         self._views: dict[int, tuple] = {}  # slot -> open (context, view); atomics wants
         self._finalizer = weakref.finalize(self, _close_views, self._views)  # them closed
+
+    @classmethod
+    def from_region(cls, region) -> "TableView":
+        """The table as the guest sees it: shared memory region 1 of a frontend started with
+        ``shmem=True`` (:class:`~pyvirtiofs.testing.frontend.ShmemRegion`), which the daemon
+        mapped read-only at INIT."""
+        mp = region.mapping_at(0)
+        if mp is None:
+            raise ValueError(f"nothing is mapped at the start of region {region.shmid}")
+        if mp.writable:
+            raise ValueError("the daemon mapped the version table writable")
+        return cls((ctypes.c_char * mp.length).from_address(region.base + mp.offset))
 
     @classmethod
     def open_file(cls, path: str) -> "TableView":
