@@ -124,15 +124,6 @@ def _refused(config: Config) -> list[str]:
     out = [opt for name, opt in options.NOT_IMPLEMENTED.items() if getattr(config, name)]
     if config.tag is not None:
         out.append("--tag")
-    for on, opt in ((config.writeback, "--writeback"),
-                    (config.allow_direct_io, "--allow-direct-io"),
-                    (config.allow_mmap, "--allow-mmap"),
-                    (config.preserve_noatime, "--preserve-noatime"),
-                    (not config.readdirplus, "--no-readdirplus"),
-                    (not config.killpriv_v2, "--no-killpriv-v2"),
-                    (config.timeout is not None, "-o timeout")):
-        if on:
-            out.append(opt)
     return out
 
 
@@ -187,6 +178,10 @@ def _run(config: Config) -> int:
         fs = PassthroughFs(config.shared_dir, cache=config.cache, readonly=config.readonly,
                            xattr=config.xattr, posix_locks=config.posix_lock,
                            flock=config.flock, inode_file_handles=config.inode_file_handles,
+                           writeback=config.writeback, allow_direct_io=config.allow_direct_io,
+                           preserve_noatime=config.preserve_noatime,
+                           allow_mmap=config.allow_mmap, readdirplus=config.readdirplus,
+                           killpriv_v2=config.killpriv_v2, timeout=config.timeout,
                            version_table=table)
     except (OSError, ValueError) as e:
         raise StartupError(f"cannot share {config.shared_dir!r}: "

@@ -123,6 +123,9 @@ class Capabilities:
     flock_locks: bool = False
     writeback_cache: bool = False
     posix_acl: bool = False
+    readdirplus: bool = True           # READDIRPLUS answered (DO_READDIRPLUS, READDIRPLUS_AUTO)
+    handle_killpriv_v2: bool = True    # the fs clears suid/sgid when the guest asks
+    direct_io_allow_mmap: bool = False  # guests may mmap FOPEN_DIRECT_IO files shared
     extra: dict = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import linux, locks
 from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
@@ -28,9 +28,11 @@ from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, Fil
 log = logging.getLogger(__name__)
 
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-# Flags the guest may not pass through: creation is separate, O_DIRECT needs aligned buffers
-# the guest cannot promise for our host file, and we never want a controlling terminal.
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | getattr(os, "O_PATH", 0)
+# Flags the guest may not pass through: creation is separate and we never want a controlling
+# terminal.  O_DIRECT (which needs aligned buffers the guest cannot promise for our host file)
+# and O_NOATIME (EPERM for files the daemon does not own, when it runs unprivileged) are
+# dropped too unless --allow-direct-io / --preserve-noatime say otherwise.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_PATH", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -96,14 +98,26 @@ class _Handle:
 class PassthroughFs(FileSystem):
     def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
                  xattr: bool = True, posix_locks: bool = True, flock: bool = True,
-                 inode_file_handles: str = "never", version_table=None):
+                 inode_file_handles: str = "never", *, writeback: bool = False,
+                 allow_direct_io: bool = False, preserve_noatime: bool = False,
+                 allow_mmap: bool = False, readdirplus: bool = True,
+                 killpriv_v2: bool = True, timeout: float | None = None,
+                 version_table=None):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"shared directory {root!r} is not a directory")
         self.cache = CachePolicy.from_name(cache)
+        if timeout is not None:  # the C virtiofsd's -o timeout=: entries and attributes
+            self.cache = replace(self.cache, timeout=timeout)
         self.readonly = readonly
         self.xattr = xattr
-        self.capabilities = Capabilities(posix_locks=posix_locks, flock_locks=flock)
+        self.writeback = writeback
+        self._open_strip = (_OPEN_STRIP | (0 if allow_direct_io else os.O_DIRECT)
+                            | (0 if preserve_noatime else os.O_NOATIME))
+        self.capabilities = Capabilities(posix_locks=posix_locks, flock_locks=flock,
+                                         writeback_cache=writeback, readdirplus=readdirplus,
+                                         handle_killpriv_v2=killpriv_v2,
+                                         direct_io_allow_mmap=allow_mmap)
         self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
         self._is_root = os.geteuid() == 0
         if inode_file_handles not in ("never", "prefer", "mandatory"):
@@ -486,6 +500,17 @@ class PassthroughFs(FileSystem):
             return OpenResult(fh, cache_dir=c.keep_cache)
         return OpenResult(fh, direct_io=c.direct_io, keep_cache=c.keep_cache)
 
+    def _open_flags(self, flags: int, keep: int = 0) -> int:
+        """The guest's open flags as the host open gets them."""
+        flags &= ~(self._open_strip & ~keep)
+        if self.writeback:
+            # With a writeback cache the guest reads to fill partial pages of files it opened
+            # write-only, and it positions appends itself (from its cached size).
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
+
     def open(self, inode, flags, ctx):
         if flags & _WRITE_FLAGS:
             self._check_writable()
@@ -495,7 +520,7 @@ class PassthroughFs(FileSystem):
             # guest-local); opening a host device node or FIFO for a hostile guest would let it
             # reach outside the share or block a worker.
             raise FsError(errno.ELOOP if ino.is_symlink else errno.EACCES)
-        fd = self._reopen(ino, flags & ~_OPEN_STRIP)
+        fd = self._reopen(ino, self._open_flags(flags))
         if flags & os.O_TRUNC and self.version_table is not None:
             self._bump(ino.key)
         return self._open_result(self._new_handle(fd, inode))
@@ -503,7 +528,8 @@ class PassthroughFs(FileSystem):
     def create(self, parent, name, mode, flags, ctx):
         self._check_writable()
         p = self._inode(parent)
-        flags = (flags & ~(_OPEN_STRIP & ~os.O_EXCL)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = (self._open_flags(flags, keep=os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC)
         with self._as(ctx):
             fd = os.open(name, flags, stat.S_IMODE(mode), dir_fd=p.fd)
         try:
@@ -520,7 +546,7 @@ class PassthroughFs(FileSystem):
         p = self._inode(parent)
         if not p.is_dir:
             raise FsError(errno.ENOTDIR)
-        flags = (flags & ~_OPEN_STRIP & ~os.O_DIRECTORY) | os.O_TMPFILE
+        flags = (self._open_flags(flags) & ~os.O_DIRECTORY) | os.O_TMPFILE
         if not flags & (os.O_WRONLY | os.O_RDWR):
             flags |= os.O_RDWR
         with self._as(ctx):

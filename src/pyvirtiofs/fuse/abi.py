@@ -90,6 +90,7 @@ SUBMOUNTS = 1 << 27
 HANDLE_KILLPRIV_V2 = 1 << 28
 SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
+DIRECT_IO_ALLOW_MMAP = 1 << 36  # flags2 bit 4 (7.39): shared mmap of FOPEN_DIRECT_IO files
 # pyvirtiofs's own extension (docs/version-table.md), far above the upstream bits: LOOKUP and
 # GETATTR replies end with a VERSION_OUT naming the inode's version-table slot and version.
 PYVFS_VERSION_TABLE = 1 << 63

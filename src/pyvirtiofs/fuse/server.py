@@ -188,8 +188,7 @@ class FuseServer:
     # What we offer in INIT, ANDed with what the guest offers.
     BASE_FLAGS = (abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
                   | abi.ASYNC_DIO | abi.HAS_IOCTL_DIR | abi.ATOMIC_O_TRUNC | abi.MAX_PAGES
-                  | abi.INIT_EXT | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
-                  | abi.HANDLE_KILLPRIV_V2)
+                  | abi.INIT_EXT)
 
     def __init__(self, fs: FileSystem):
         self.fs = fs
@@ -339,6 +338,12 @@ class FuseServer:
             if (flags2 << 32 & abi.PYVFS_VERSION_TABLE and self.fs.version_table is not None
                     and self.version_table_readable()):
                 want |= abi.PYVFS_VERSION_TABLE
+            if caps.readdirplus:
+                want |= abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+            if caps.handle_killpriv_v2:
+                want |= abi.HANDLE_KILLPRIV_V2
+            if caps.direct_io_allow_mmap:
+                want |= abi.DIRECT_IO_ALLOW_MMAP
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
             self.flags = want & guest
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
@@ -652,6 +657,8 @@ class FuseServer:
         return self._readdir(req, r, w, plus=False)
 
     def _op_readdirplus(self, req, r, w):
+        if not self.fs.capabilities.readdirplus:  # not offered (--no-readdirplus)
+            raise FsError(errno.ENOSYS)
         return self._readdir(req, r, w, plus=True)
 
     def _readdir(self, req, r, w, plus):
