@@ -28,6 +28,7 @@ log = logging.getLogger("pyvirtiofsd")
 SYSLOG_SOCKET = "/dev/log"
 
 
+
 def _setup_logging(level: str, use_syslog: bool) -> None:
     if level == "off":
         logging.disable(logging.CRITICAL)
@@ -245,11 +246,12 @@ def _run(config: Config) -> int:
         _remove(cleanup[:1])
         log.info("frontend connected")
         shmem_sizes = [0, 0]  # VIRTIO shared memory regions: 0 the DAX window, 1 the table
+        shmem_sizes[0] = config.dax_window
         if table is not None:
             shmem_sizes[version_table.SHMID] = table.size
         shmem = SharedMemory(shmem_sizes) if any(shmem_sizes) else None
         backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size,
-                                                  shmem=shmem))
+                                                  shmem=shmem, dax_policy=config.dax or "always"))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")

@@ -195,6 +195,9 @@ class Config:
     # several daemons on one tree (beyond virtiofsd): the shared metadata version table
     version_table: str | None = None     # a file in /dev/shm
     version_table_slots: int = 1 << 16   # slots of a table this daemon creates
+    # DAX window (pyvirtiofsd only; needs a frontend with vhost-user SHMEM)
+    dax_window: int = 0                  # bytes of shared memory region 0; 0: no window
+    dax: str | None = None               # never | always | inode: files with FUSE_ATTR_DAX
     # confinement and resources
     sandbox: str | None = None           # namespace | chroot | none; None: by privilege
     seccomp: str = "none"                # differs: virtiofsd's default is kill

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from .dax import DaxWindow
 from .filesystem import FileSystem
 from .fuse.server import FuseServer
 from .version_table import GuestMapping
@@ -16,14 +17,17 @@ HIPRIO_QUEUE = 0
 
 class VirtioFsDevice:
     def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0,
-                 shmem: SharedMemory | None = None):
+                 shmem: SharedMemory | None = None, dax_policy: str = "always"):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
         # num-request-queues property asks for and leaves the rest untouched.  At most 256
         # queues in all: SET_VRING_KICK/CALL/ERR name their ring in 8 bits (vhost-user.rst),
         # so a queue numbered 256 or more could never be given its eventfds.
         self.fs = fs
         self.shmem = shmem  # VIRTIO shared memory regions, if any (the backend offers them)
-        self.server = FuseServer(fs)
+        # Region 0 is the DAX window (virtio-fs spec).
+        has_window = shmem is not None and bool(shmem.sizes) and shmem.sizes[0] > 0
+        self.dax = DaxWindow(shmem, 0) if has_window else None
+        self.server = FuseServer(fs, self.dax, dax_policy)
         if fs.version_table is not None:
             # A guest reads the table in shared memory region 1: no region, no extension.
             if shmem is not None:

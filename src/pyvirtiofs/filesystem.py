@@ -282,6 +282,13 @@ class FileSystem:
     def syncfs(self, inode: int) -> None:
         raise FsError(errno.ENOSYS)
 
+    def map_source(self, inode: int, fh: int | None, writable: bool):
+        """DAX (FUSE_SETUPMAPPING): a :class:`pyvirtiofs.dax.MapSource` for the file, whose
+        ``open(writable)`` gives a new fd to map.  ``fh`` is None when the guest names only the
+        inode (Linux does); a given ``fh`` must be this inode's, and opened for writing when
+        ``writable``.  Raise FsError to refuse (EBADF, EACCES, EROFS, ...)."""
+        raise FsError(errno.ENOSYS)
+
     # Locks (only called when capabilities say so).
     def getlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
               pid: int) -> tuple[int, int, int, int]:

@@ -14,6 +14,8 @@ import json
 import sys
 
 from .config import Config, NamespaceIdRange, TranslateRule, XattrMapRule
+from .dax import DAX_POLICIES
+from .vhost_user.shmem import PAGE_SIZE
 
 PROG = "pyvirtiofsd"
 
@@ -50,6 +52,22 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A size such as 4096, 512M or 1G (powers of 1024); a multiple of the page size."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        value = int(t[:len(t) - len(unit)], 10) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1G, 512M)") from None
+    if value < 0 or value % PAGE_SIZE or value >= 1 << 48:
+        raise argparse.ArgumentTypeError(f"{text!r}: a multiple of {PAGE_SIZE} below 256T")
     return value
 
 
@@ -168,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "fallback"], default=S,
                       help="hold inodes as file handles rather than O_PATH fds (fallback is "
                            "the old name of prefer)")
+    dax = p.add_argument_group("DAX window (pyvirtiofsd only; see docs/dax.md)")
+    dax.add_argument("--dax-window", type=_size, default=S, metavar="SIZE",
+                     help="offer a DAX window of SIZE (e.g. 1G) as shared memory region 0; "
+                          "needs a frontend with vhost-user SHMEM (default: no window)")
+    dax.add_argument("--dax", choices=list(DAX_POLICIES), default=S,
+                     help="which files carry FUSE_ATTR_DAX for guests mounted with dax=inode: "
+                          "never, always (every regular file; the default) or inode "
+                          "(regular files of 1 MiB or more)")
     mig = p.add_argument_group("migration (not implemented: only the defaults are accepted)")
     mig.add_argument("--migration-mode", choices=["find-paths", "file-handles"], default=S)
     mig.add_argument("--migration-on-error", choices=["abort", "guest-error"], default=S)
@@ -319,6 +345,8 @@ def _check(c: Config, given: dict) -> None:
     if c.posix_acl and (c.translate_uid or c.translate_gid):
         raise UsageError("--posix-acl cannot be combined with --translate-uid/--translate-gid "
                          "(translated ids would break the ACLs)")
+    if c.dax is not None and not c.dax_window:
+        raise UsageError("--dax needs --dax-window=SIZE")
     if c.modcaps is not None:
         from . import sandbox
         try:

@@ -14,6 +14,7 @@ the guest user and permission checks happen as that user.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -83,6 +84,18 @@ class _Inode:
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+class _MapSource:
+    """What a DAX mapping needs to map its file again (no fd is held: the guest may make
+    thousands of mappings)."""
+    __slots__ = ("fs", "nodeid", "key")
+
+    def __init__(self, fs, nodeid, key):
+        self.fs, self.nodeid, self.key = fs, nodeid, key
+
+    def open(self, writable: bool) -> int:
+        return self.fs._open_for_mapping(self.nodeid, self.key, writable)
 
 
 class _Handle:
@@ -691,6 +704,29 @@ class PassthroughFs(FileSystem):
             linux.syncfs(fd)
         finally:
             os.close(fd)
+
+    # -- DAX ------------------------------------------------------------------------------
+    def map_source(self, inode, fh, writable):
+        if writable:
+            self._check_writable()
+        ino = self._inode(inode)
+        if not ino.is_regular:
+            raise FsError(errno.EINVAL, "only regular files can be mapped")
+        if fh is not None:
+            h = self._handle(fh)
+            if h.nodeid != inode:
+                raise FsError(errno.EBADF, f"file handle {fh} is not node {inode}'s")
+            if writable and fcntl.fcntl(h.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                raise FsError(errno.EACCES, "write mapping of a file opened read-only")
+        return _MapSource(self, inode, ino.key)
+
+    def _open_for_mapping(self, nodeid: int, key, writable: bool) -> int:
+        """A new fd on the inode behind a mapping (the same file, or FsError)."""
+        with self._lock:
+            ino = self._inodes.get(nodeid)
+        if ino is None or ino.key != key:
+            raise FsError(errno.ESTALE, f"node {nodeid} is no longer {key}")
+        return self._reopen(ino, os.O_RDWR if writable else os.O_RDONLY)
 
     # -- locks ----------------------------------------------------------------------------
     def getlk(self, inode, fh, owner, start, end, type_, pid):

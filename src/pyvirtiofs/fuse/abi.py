@@ -88,12 +88,17 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 SUBMOUNTS = 1 << 27
 HANDLE_KILLPRIV_V2 = 1 << 28
+MAP_ALIGNMENT = 1 << 26
 SETXATTR_EXT = 1 << 29
 INIT_EXT = 1 << 30
 DIRECT_IO_ALLOW_MMAP = 1 << 36  # flags2 bit 4 (7.39): shared mmap of FOPEN_DIRECT_IO files
 # pyvirtiofs's own extension (docs/version-table.md), far above the upstream bits: LOOKUP and
 # GETATTR replies end with a VERSION_OUT naming the inode's version-table slot and version.
 PYVFS_VERSION_TABLE = 1 << 63
+HAS_INODE_DAX = 1 << 33
+
+# fuse_attr.flags
+ATTR_DAX = 1 << 1
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -164,6 +169,9 @@ FILE_LOCK = struct.Struct("<QQII")               # start end type pid
 LK_IN = struct.Struct("<QQQQIIII")               # fh owner lk(start end type pid) lk_flags padding
 LK_OUT = FILE_LOCK
 VERSION_OUT = struct.Struct("<QQ")               # slot version (PYVFS_VERSION_TABLE)
+SETUPMAPPING_IN = struct.Struct("<QQQQQ")       # fh foffset len flags moffset
+REMOVEMAPPING_IN = struct.Struct("<I")           # count, then count of:
+REMOVEMAPPING_ONE = struct.Struct("<QQ")         # moffset len
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert ENTRY_OUT_HEAD.size + ATTR.size == 128 and ATTR_OUT_HEAD.size + ATTR.size == 104

@@ -15,6 +15,7 @@ import struct
 import threading
 from typing import Callable
 
+from .. import dax as _dax
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
 from ..virtqueue import DescriptorChain, Reader, Writer
 from . import abi
@@ -144,29 +145,31 @@ def _timeout(t: float) -> tuple[int, int]:
     return v
 
 
-def _attr_fields(a) -> tuple:
+def _attr_fields(a, flags: int = 0) -> tuple:
     at, atn = divmod(a.st_atime_ns, _NS)
     mt, mtn = divmod(a.st_mtime_ns, _NS)
     ct, ctn = divmod(a.st_ctime_ns, _NS)
     nlink = a.st_nlink
     return (a.st_ino & _U64, a.st_size, a.st_blocks, at & _U64, mt & _U64, ct & _U64,
             atn, mtn, ctn, a.st_mode, nlink if nlink <= 0xFFFFFFFF else 0xFFFFFFFF,
-            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, getattr(a, "st_blksize", 4096) or 4096, 0)
+            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, getattr(a, "st_blksize", 4096) or 4096,
+            flags)
 
 
-def encode_attr(a) -> bytes:
-    return abi.ATTR.pack(*_attr_fields(a))
+def encode_attr(a, flags: int = 0) -> bytes:
+    return abi.ATTR.pack(*_attr_fields(a, flags))
 
 
-def encode_entry(e: Entry) -> bytes:
+def encode_entry(e: Entry, attr_flags: int = 0) -> bytes:
     es, ens = _timeout(e.entry_timeout)
     as_, ans = _timeout(e.attr_timeout)
-    return _ENTRY_OUT.pack(e.inode, e.generation, es, as_, ens, ans, *_attr_fields(e.attr))
+    return _ENTRY_OUT.pack(e.inode, e.generation, es, as_, ens, ans,
+                           *_attr_fields(e.attr, attr_flags))
 
 
-def encode_attr_out(attr, timeout: float) -> bytes:
+def encode_attr_out(attr, timeout: float, attr_flags: int = 0) -> bytes:
     s, ns = _timeout(timeout)
-    return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr))
+    return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr, attr_flags))
 
 
 def encode_open(o: OpenResult) -> bytes:
@@ -190,8 +193,14 @@ class FuseServer:
                   | abi.ASYNC_DIO | abi.HAS_IOCTL_DIR | abi.ATOMIC_O_TRUNC | abi.MAX_PAGES
                   | abi.INIT_EXT)
 
-    def __init__(self, fs: FileSystem):
+    def __init__(self, fs: FileSystem, dax: "_dax.DaxWindow | None" = None,
+                 dax_policy: str = "always"):
         self.fs = fs
+        self.dax = dax  # the DAX window's mapping table, when the device has one
+        if dax_policy not in _dax.DAX_POLICIES:
+            raise ValueError(f"DAX policy {dax_policy!r}: one of {', '.join(_dax.DAX_POLICIES)}")
+        self.dax_policy = dax_policy
+        self._inode_dax = False  # FUSE_HAS_INODE_DAX negotiated: attrs carry FUSE_ATTR_DAX
         self.initialized = False
         self.flags = 0  # negotiated
         self.proto_minor = 0
@@ -344,16 +353,21 @@ class FuseServer:
                 want |= abi.HANDLE_KILLPRIV_V2
             if caps.direct_io_allow_mmap:
                 want |= abi.DIRECT_IO_ALLOW_MMAP
+            if self.dax is not None:
+                want |= abi.MAP_ALIGNMENT | abi.HAS_INODE_DAX
+                self.dax.remove_all()  # mappings of an earlier session, if any
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
             self.flags = want & guest
+            self._inode_dax = bool(self.flags & abi.HAS_INODE_DAX)
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
             self.fs.init()
             self.initialized = True
         log.info("FUSE session: guest %d.%d offers flags %#x, negotiated %#x",
                  major, minor, guest, self.flags)
+        map_alignment = _dax.MAP_ALIGNMENT_SHIFT if self.flags & abi.MAP_ALIGNMENT else 0
         out = abi.INIT_OUT.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, max_readahead,
                                 self.flags & 0xFFFFFFFF, 65535, 49149, MAX_WRITE, 1,
-                                MAX_PAGES, 0, self.flags >> 32)
+                                MAX_PAGES, map_alignment, self.flags >> 32)
         return self._reply(w, out)
 
     def opcode_counts(self) -> dict[str, int]:
@@ -373,8 +387,47 @@ class FuseServer:
                  ", ".join(f"{k} {v}" for k, v in self.opcode_counts().items()))
         with self._init_lock:
             if self.initialized:
+                if self.dax is not None:
+                    self.dax.remove_all()
                 self.fs.destroy()
             self.initialized = False
+        return 0
+
+    # -- DAX window ---------------------------------------------------------------------------
+    def _attr_flags(self, attr) -> int:
+        if self._inode_dax and _dax.wants_dax(self.dax_policy, attr):
+            return abi.ATTR_DAX
+        return 0
+
+    def _entry(self, e: Entry) -> bytes:
+        return encode_entry(e, self._attr_flags(e.attr) if self._inode_dax else 0)
+
+    def _attr_out(self, attr, timeout: float) -> bytes:
+        return encode_attr_out(attr, timeout, self._attr_flags(attr) if self._inode_dax else 0)
+
+    def _op_setupmapping(self, req, r, w):
+        if self.dax is None:
+            raise FsError(errno.ENOSYS)
+        fh, foffset, length, flags, moffset = abi.SETUPMAPPING_IN.unpack(
+            r.read(abi.SETUPMAPPING_IN.size))
+        if flags & ~(_dax.SETUPMAPPING_FLAG_READ | _dax.SETUPMAPPING_FLAG_WRITE):
+            raise FsError(errno.EINVAL, f"unknown SETUPMAPPING flags {flags:#x}")
+        writable = bool(flags & _dax.SETUPMAPPING_FLAG_WRITE)
+        source = self.fs.map_source(req.nodeid, None if fh == _dax.NO_FH else fh, writable)
+        self.dax.setup(moffset, length, foffset, writable, source)
+        return 0
+
+    def _op_removemapping(self, req, r, w):
+        if self.dax is None:
+            raise FsError(errno.ENOSYS)
+        (count,) = abi.REMOVEMAPPING_IN.unpack(r.read(abi.REMOVEMAPPING_IN.size))
+        one = abi.REMOVEMAPPING_ONE
+        if count == 0 or count * one.size > r.remaining:
+            raise ProtocolError(f"REMOVEMAPPING of {count} entries carries {r.remaining} bytes")
+        while count:  # in slices: the guest sizes the message, not our memory
+            k = min(count, 256)
+            self.dax.remove(one.iter_unpack(r.read(k * one.size)))
+            count -= k
         return 0
 
     def reset(self) -> None:
@@ -386,12 +439,12 @@ class FuseServer:
         (name,) = self._names(r, 1)
         entry = self.fs.lookup(req.nodeid, name, req.ctx)
         if not self.flags & abi.PYVFS_VERSION_TABLE:
-            return self._reply(w, encode_entry(entry))
+            return self._reply(w, self._entry(entry))
         try:
             # The version is read before the attributes it vouches for: stat again after it.
             slot, version = self._version(entry.inode)
             entry.attr, _ = self.fs.getattr(entry.inode, None, req.ctx)
-            return self._reply(w, encode_entry(entry) + abi.VERSION_OUT.pack(slot, version))
+            return self._reply(w, self._entry(entry) + abi.VERSION_OUT.pack(slot, version))
         except BaseException:
             self.fs.forget(entry.inode, 1)  # the guest never learns of this reference
             raise
@@ -441,9 +494,9 @@ class FuseServer:
         if self.flags & abi.PYVFS_VERSION_TABLE:
             slot, version = self._version(req.nodeid)  # before the stat (see _op_lookup)
             attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
-            return self._reply(w, encode_attr_out(attr, t) + abi.VERSION_OUT.pack(slot, version))
+            return self._reply(w, self._attr_out(attr, t) + abi.VERSION_OUT.pack(slot, version))
         attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
-        return self._reply(w, encode_attr_out(attr, t))
+        return self._reply(w, self._attr_out(attr, t))
 
     def _op_setattr(self, req, r, w):
         (valid, _, fh, size, _lo, atime, mtime, _ct, atimens, mtimens, _ctns, mode, _u4, uid, gid,
@@ -467,7 +520,7 @@ class FuseServer:
             s.mtime_ns = mtime * 1_000_000_000 + mtimens
         s.kill_suidgid = bool(valid & abi.FATTR_KILL_SUIDGID)
         attr, t = self.fs.setattr(req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx)
-        return self._reply(w, encode_attr_out(attr, t))
+        return self._reply(w, self._attr_out(attr, t))
 
     def _op_readlink(self, req, r, w):
         return self._reply(w, self.fs.readlink(req.nodeid, req.ctx))
@@ -478,20 +531,20 @@ class FuseServer:
         name, target = _split_nul(r.read(r.remaining), 2)
         if not target:
             raise FsError(errno.ENOENT)
-        return self._reply(w, encode_entry(self.fs.symlink(req.nodeid, _check_name(name),
+        return self._reply(w, self._entry(self.fs.symlink(req.nodeid, _check_name(name),
                                                            target, req.ctx)))
 
     def _op_mknod(self, req, r, w):
         mode, rdev, umask, _ = abi.MKNOD_IN.unpack(r.read(abi.MKNOD_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
-        return self._reply(w, encode_entry(self.fs.mknod(req.nodeid, name, mode, rdev, req.ctx)))
+        return self._reply(w, self._entry(self.fs.mknod(req.nodeid, name, mode, rdev, req.ctx)))
 
     def _op_mkdir(self, req, r, w):
         mode, umask = abi.MKDIR_IN.unpack(r.read(abi.MKDIR_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
-        return self._reply(w, encode_entry(self.fs.mkdir(req.nodeid, name, mode, req.ctx)))
+        return self._reply(w, self._entry(self.fs.mkdir(req.nodeid, name, mode, req.ctx)))
 
     def _op_unlink(self, req, r, w):
         (name,) = self._names(r, 1)
@@ -518,7 +571,7 @@ class FuseServer:
     def _op_link(self, req, r, w):
         (old,) = abi.LINK_IN.unpack(r.read(abi.LINK_IN.size))
         (name,) = self._names(r, 1)
-        return self._reply(w, encode_entry(self.fs.link(old, req.nodeid, name, req.ctx)))
+        return self._reply(w, self._entry(self.fs.link(old, req.nodeid, name, req.ctx)))
 
     # -- files ----------------------------------------------------------------------------
     def _op_open(self, req, r, w):
@@ -534,13 +587,13 @@ class FuseServer:
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
         entry, opened = self.fs.create(req.nodeid, name, mode, flags, req.ctx)
-        return self._reply(w, encode_entry(entry) + encode_open(opened))
+        return self._reply(w, self._entry(entry) + encode_open(opened))
 
     def _op_tmpfile(self, req, r, w):
         flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
         req.ctx.umask = umask  # the name that follows is a placeholder ("/")
         entry, opened = self.fs.tmpfile(req.nodeid, mode, flags, req.ctx)
-        return self._reply(w, encode_entry(entry) + encode_open(opened))
+        return self._reply(w, self._entry(entry) + encode_open(opened))
 
     def _op_read(self, req, r, w):
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack(r.read(abi.READ_IN.size))
@@ -680,7 +733,7 @@ class FuseServer:
                     parts.append(_EMPTY_ENTRY_HEAD)
                 else:
                     try:
-                        parts.append(encode_entry(fs.lookup(req.nodeid, name, req.ctx)))
+                        parts.append(self._entry(fs.lookup(req.nodeid, name, req.ctx)))
                     except (FsError, OSError):
                         parts.append(_EMPTY_ENTRY_HEAD)  # vanished meanwhile: a plain dirent
             parts.append(head.pack(ent.ino, ent.offset, nlen, ent.type))

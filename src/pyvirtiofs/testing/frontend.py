@@ -18,6 +18,8 @@ It is an independent oracle: nothing here imports the daemon's own code.  Layers
   vhost-user SHMEM series holds them: GET_SHMEM_CONFIG, each region reserved PROT_NONE, the
   backend channel served (SHMEM_MAP/UNMAP checked against the rules, the fd mapped
   MAP_SHARED | MAP_FIXED, REPLY_ACK), every mapping dropped at reset.
+* :class:`DaxDriver` - the guest's DAX driver as Linux's fs/fuse/dax.c: 2 MiB ranges of the
+  window, SETUPMAPPING on first access, reclaim with REMOVEMAPPING under pressure.
 * :class:`FuseClient` - FUSE requests over the queues, with Linux 6.1's descriptor layout
   (in header, each argument, out header, each reply argument as separate descriptors, data
   split at page boundaries, indirect tables whenever negotiated); a method per opcode, and
@@ -50,7 +52,7 @@ __all__ = [
     # memory / rings / vhost-user
     "GuestRam", "MemRegion", "VhostUserConnection", "VhostUserMessage", "SplitQueue",
     "Chain", "Completion", "VirtioFsFrontend", "Req", "ProtoFeature", "VirtioFeature",
-    "BackendReq", "ShmemRegion", "ShmemMapping", "ShmemRequest",
+    "BackendReq", "ShmemRegion", "ShmemMapping", "ShmemRequest", "DaxDriver", "DaxFile",
     # FUSE
     "FuseClient", "Op", "Reply", "Attr", "EntryOut", "AttrOut", "InitOut", "OpenOut",
     "StatfsOut", "Dirent", "DirentPlus", "FileLock", "LINUX_6_1_INIT_FLAGS",
@@ -2693,3 +2695,202 @@ class FuseClient:
         self.request(Op.REMOVEMAPPING, nodeid,
                      [REMOVEMAPPING_IN.pack(len(ranges)),
                       b"".join(REMOVEMAPPING_ONE.pack(m, n) for m, n in ranges)])
+
+
+# ----------------------------------------------------------------------------------------
+# The guest's DAX driver (as Linux fs/fuse/dax.c)
+# ----------------------------------------------------------------------------------------
+
+FUSE_ATTR_DAX = 1 << 1
+FUSE_DAX_SHIFT = 21
+FUSE_DAX_SZ = 1 << FUSE_DAX_SHIFT          # Linux maps the window in 2 MiB ranges
+FUSE_DAX_RECLAIM_THRESHOLD = 20            # % of free ranges below which ranges are reclaimed
+FUSE_DAX_RECLAIM_CHUNK = 10                # ranges reclaimed at a time
+FUSE_REMOVEMAPPING_MAX_ENTRY = PAGE_SIZE // REMOVEMAPPING_ONE.size
+NO_FH = (1 << 64) - 1                      # Linux names only the inode in SETUPMAPPING
+
+
+class DaxRange(NamedTuple):
+    nodeid: int
+    index: int          # file offset >> FUSE_DAX_SHIFT
+    moffset: int        # window offset
+    writable: bool
+
+
+class DaxDriver:
+    """The guest half of DAX, modelled on Linux's fs/fuse/dax.c: the window (shared memory
+    region 0) is cut into 2 MiB ranges; a file range is mapped on first access with
+    SETUPMAPPING (fh = -1, READ, plus WRITE when written: an existing read-only range is
+    upgraded by mapping it again at the same offset); when fewer than 20 % of the ranges are
+    free, the least recently used ones are reclaimed (REMOVEMAPPING), and when none is free
+    the oldest is taken inline.  Reads and writes inside the file's size go through the
+    window; a write that extends the file goes through a WRITE request (as Linux does).
+    ``mode`` is the mount option: ``always``, ``inode`` (files whose attributes carry
+    FUSE_ATTR_DAX) or ``never``.  Not thread-safe (one test thread drives it).
+
+    Use :meth:`init` instead of :meth:`FuseClient.init` (it asks for MAP_ALIGNMENT and
+    HAS_INODE_DAX, as a Linux guest with a DAX window does), then :meth:`open`."""
+
+    def __init__(self, client: "FuseClient", mode: str = "always"):
+        fe = client.fe
+        if not fe.shmem_regions or not fe.shmem_regions[0].size:
+            raise FrontendError("the device has no DAX window (shared memory region 0)")
+        if mode not in ("always", "inode", "never"):
+            raise ValueError(f"dax={mode}")
+        self.client = client
+        self.window = fe.shmem_regions[0]
+        self.mode = mode
+        self.nranges = self.window.size // FUSE_DAX_SZ
+        if not self.nranges:
+            raise FrontendError(f"a DAX window of {self.window.size:#x} bytes holds no range")
+        self.free: list[int] = [i * FUSE_DAX_SZ for i in reversed(range(self.nranges))]
+        self.busy: dict[tuple[int, int], DaxRange] = {}   # (nodeid, index) -> range; LRU order
+        self.setups = 0          # SETUPMAPPING requests sent
+        self.removes = 0         # REMOVEMAPPING requests sent
+        self.removed_ranges = 0
+
+    # -- session ----------------------------------------------------------------------------
+    def init(self, flags: int = LINUX_6_1_INIT_FLAGS) -> InitOut:
+        flags |= FUSE_MAP_ALIGNMENT | FUSE_INIT_EXT
+        if self.mode == "inode":       # Linux asks for per-inode DAX only in this mode
+            flags |= FUSE_HAS_INODE_DAX
+        else:
+            flags &= ~FUSE_HAS_INODE_DAX
+        out = self.client.init(flags=flags)
+        if not out.flags & FUSE_MAP_ALIGNMENT:
+            raise FrontendError("the daemon did not negotiate FUSE_MAP_ALIGNMENT")
+        # fuse_dax_check_alignment: a range must be a multiple of the alignment
+        if out.map_alignment and FUSE_DAX_SZ % (1 << out.map_alignment):
+            raise FrontendError(f"map_alignment {out.map_alignment} does not divide 2 MiB")
+        if self.mode == "inode" and not out.flags & FUSE_HAS_INODE_DAX:
+            self.mode = "never"  # Linux: no per-inode DAX without the daemon's support
+        return out
+
+    def uses_dax(self, attr: Attr) -> bool:
+        if not _stat.S_ISREG(attr.mode) or self.mode == "never":
+            return False
+        return self.mode == "always" or bool(attr.flags & FUSE_ATTR_DAX)
+
+    def open(self, nodeid: int, flags: int = os.O_RDWR) -> "DaxFile":
+        o = self.client.open(nodeid, flags)
+        attr = self.client.getattr(nodeid).attr
+        return DaxFile(self, nodeid, o.fh, attr.size, self.uses_dax(attr))
+
+    def reset(self) -> None:
+        """After a device reset the frontend dropped every mapping: start afresh."""
+        self.free = [i * FUSE_DAX_SZ for i in reversed(range(self.nranges))]
+        self.busy.clear()
+
+    # -- ranges -----------------------------------------------------------------------------
+    def ranges_of(self, nodeid: int) -> list[DaxRange]:
+        return [r for r in self.busy.values() if r.nodeid == nodeid]
+
+    def _range(self, nodeid: int, index: int, write: bool) -> DaxRange:
+        key = (nodeid, index)
+        r = self.busy.pop(key, None)
+        if r is not None:
+            if write and not r.writable:     # upgrade: same offset, now writable
+                try:
+                    self._setup(nodeid, index, r.moffset, True)
+                except BaseException:
+                    self.busy[key] = r
+                    raise
+                r = r._replace(writable=True)
+            self.busy[key] = r               # most recently used last
+            return r
+        if not self.free:
+            self._reclaim(1)                 # inline: take the oldest range
+        moffset = self.free.pop()
+        try:
+            self._setup(nodeid, index, moffset, write)
+        except BaseException:
+            self.free.append(moffset)
+            raise
+        r = DaxRange(nodeid, index, moffset, write)
+        self.busy[key] = r
+        if len(self.free) * 100 < self.nranges * FUSE_DAX_RECLAIM_THRESHOLD:
+            self._reclaim(min(FUSE_DAX_RECLAIM_CHUNK, len(self.busy) - 1))
+        return r
+
+    def _setup(self, nodeid: int, index: int, moffset: int, write: bool) -> None:
+        flags = FUSE_SETUPMAPPING_FLAG_READ | (FUSE_SETUPMAPPING_FLAG_WRITE if write else 0)
+        self.client.setupmapping(nodeid, NO_FH, index << FUSE_DAX_SHIFT, FUSE_DAX_SZ, flags,
+                                 moffset)
+        self.setups += 1
+
+    def _reclaim(self, n: int) -> None:
+        """Free the ``n`` least recently used ranges (REMOVEMAPPING, per inode in one request
+        with many entries, as Linux's dmap_removemapping_list)."""
+        victims = list(self.busy.values())[:max(n, 0)]
+        by_inode: dict[int, list[DaxRange]] = {}
+        for r in victims:
+            by_inode.setdefault(r.nodeid, []).append(r)
+        for nodeid, rs in by_inode.items():
+            self._remove(nodeid, rs)
+
+    def _remove(self, nodeid: int, rs: list[DaxRange]) -> None:
+        for i in range(0, len(rs), FUSE_REMOVEMAPPING_MAX_ENTRY):
+            chunk = rs[i:i + FUSE_REMOVEMAPPING_MAX_ENTRY]
+            self.client.removemapping(nodeid, [(r.moffset, FUSE_DAX_SZ) for r in chunk])
+            self.removes += 1
+            self.removed_ranges += len(chunk)
+            for r in chunk:
+                del self.busy[(r.nodeid, r.index)]
+                self.free.append(r.moffset)
+
+    def evict(self, nodeid: int) -> None:
+        """The guest drops an inode (fuse_dax_inode_cleanup): all its ranges go."""
+        rs = self.ranges_of(nodeid)
+        if rs:
+            self._remove(nodeid, rs)
+
+    # -- data -------------------------------------------------------------------------------
+    def read(self, nodeid: int, offset: int, buf) -> None:
+        view = memoryview(buf).cast("B")
+        pos = 0
+        while pos < len(view):
+            off = offset + pos
+            index, within = divmod(off, FUSE_DAX_SZ)
+            n = min(len(view) - pos, FUSE_DAX_SZ - within)
+            r = self._range(nodeid, index, False)
+            self.window.readinto(r.moffset + within, view[pos:pos + n])
+            pos += n
+
+    def write(self, nodeid: int, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            off = offset + pos
+            index, within = divmod(off, FUSE_DAX_SZ)
+            n = min(len(view) - pos, FUSE_DAX_SZ - within)
+            r = self._range(nodeid, index, True)
+            self.window.write(r.moffset + within, view[pos:pos + n])
+            pos += n
+
+
+class DaxFile:
+    """An open file of a :class:`DaxDriver` (like a guest file descriptor)."""
+
+    def __init__(self, driver: DaxDriver, nodeid: int, fh: int, size: int, dax: bool):
+        self.driver, self.nodeid, self.fh, self.size, self.dax = driver, nodeid, fh, size, dax
+
+    def read(self, offset: int, n: int) -> bytes:
+        n = max(0, min(n, self.size - offset))   # i_size bounds a DAX read
+        if not self.dax:
+            return self.driver.client.read_all(self.nodeid, self.fh, offset, n)
+        buf = bytearray(n)
+        self.driver.read(self.nodeid, offset, buf)
+        return bytes(buf)
+
+    def write(self, offset: int, data) -> int:
+        n = len(data)
+        if not self.dax or offset + n > self.size:
+            # Linux: a write that extends the file goes through WRITE (fuse_dax_direct_write)
+            done = self.driver.client.write_all(self.nodeid, self.fh, offset, data)
+            self.size = max(self.size, offset + done)
+            return done
+        self.driver.write(self.nodeid, offset, data)
+        return n
+
+    def close(self) -> None:
+        self.driver.client.release(self.nodeid, self.fh)   # the ranges stay (per inode)
