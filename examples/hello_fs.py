@@ -1,29 +1,29 @@
-"""A read-only file system of one file, served to a VM: python examples/hello_fs.py SOCKET"""
-import errno, socket, stat
-from pyvirtiofs.filesystem import FileSystem, FsError, Entry, Attr, OpenResult, DirEntry
-from pyvirtiofs.device import VirtioFsDevice
-from pyvirtiofs.vhost_user.backend import VhostUserBackend
+"""A read-only file system of one file, at the inode level, served to a VM:
+python examples/hello_fs.py SOCKET"""
+import errno, stat, sys
+import pyvirtiofs
+from pyvirtiofs import Attr, DirEntry, Entry, FileType, FsError, OpenResult, ROOT_INODE
 
-class Hello(FileSystem):
+HELLO = 2  # the node id of /hello
+
+class Hello(pyvirtiofs.FileSystem):
     DATA = b"hello from Python\n"
     def lookup(self, parent, name, ctx):
-        if parent != 1 or name != b"hello":
+        if parent != ROOT_INODE or name != b"hello":
             raise FsError(errno.ENOENT)
-        return Entry(2, self.getattr(2, None, ctx)[0])
+        return self.getattr(HELLO, None, ctx)  # node ids are fixed: no lookup count to keep
     def getattr(self, inode, fh, ctx):
-        if inode == 1:
-            return Attr(st_ino=1, st_mode=stat.S_IFDIR | 0o755, st_nlink=2), 1.0
-        return Attr(st_ino=2, st_mode=stat.S_IFREG | 0o444, st_size=len(self.DATA)), 1.0
+        if inode == ROOT_INODE:
+            return Entry(inode, Attr(st_ino=1, st_mode=stat.S_IFDIR | 0o755, st_nlink=2))
+        return Entry(inode, Attr(st_ino=2, st_mode=stat.S_IFREG | 0o444, st_size=len(self.DATA)))
     def open(self, inode, flags, ctx):
         return OpenResult(fh=0)
     def read(self, inode, fh, offset, size):
         return self.DATA[offset:offset + size]
     def readdir(self, inode, fh, offset):
-        entries = [(b".", 1, 4), (b"..", 1, 4), (b"hello", 2, 8)]
+        entries = [(b".", 1, FileType.DIR), (b"..", 1, FileType.DIR), (b"hello", 2, FileType.REG)]
         for i, (name, ino, dtype) in enumerate(entries[offset:], offset + 1):
             yield DirEntry(name, ino, dtype, i)
 
-import sys
-listener = socket.socket(socket.AF_UNIX); listener.bind(sys.argv[1]); listener.listen(1)
-conn, _ = listener.accept()
-VhostUserBackend(VirtioFsDevice(Hello())).serve(conn)
+if __name__ == "__main__":
+    pyvirtiofs.serve(Hello(), sys.argv[1])

@@ -1,8 +1,27 @@
-"""pyvirtiofs: a virtiofs daemon (vhost-user-fs backend) and library in Python.
+"""pyvirtiofs: serve a file system written in Python to a VM (virtiofs), or mount it on the host.
 
-Layers, one module each: :mod:`guest_memory`, :mod:`virtqueue`, :mod:`queue_worker`,
-:mod:`vhost_user`, :mod:`fuse`, :mod:`filesystem` (the API), :mod:`passthrough` (a host
-directory), :mod:`device` (virtio-fs queues to the FUSE server), :mod:`cli` (pyvirtiofsd).
+The public API is what this module exports (``__all__``); submodules are the implementation
+and may change.  Start with :class:`FileSystem` (inodes) or :class:`PathFileSystem` (paths),
+then :func:`serve` it to a VM or :func:`mount` it on the host.  docs/api.md is the reference.
+
+The daemon, pyvirtiofsd, is :mod:`pyvirtiofs.cli` serving :class:`PassthroughFs`.
 """
 
 __version__ = "0.1.0"
+
+from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entry, FileSystem,
+                         FileType, FsError, OpenResult, SetattrRequest, StatFs, StatResult)
+from .inodes import HandleTable, InodeTable
+from .pathfs import PathAdapter, PathFileSystem
+from .serving import Server, SocketInUse, listen, serve
+
+__all__ = [
+    "__version__",
+    # the inode-level API
+    "FileSystem", "FsError", "Context", "Entry", "Attr", "StatResult", "DirEntry", "FileType",
+    "StatFs", "OpenResult", "SetattrRequest", "Capabilities", "ROOT_INODE",
+    # help with node ids, lookup counts and handles; the path level
+    "InodeTable", "HandleTable", "PathFileSystem", "PathAdapter",
+    # serving to a VM
+    "serve", "Server", "listen", "SocketInUse",
+]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from . import aio
 from .dax import DaxWindow
 from .filesystem import FileSystem
-from .fuse.server import FuseServer
+from .fuse.server import DEFERRED, FuseServer
 from .version_table import GuestMapping
 from .vhost_user.shmem import SharedMemory
 
@@ -27,7 +28,10 @@ class VirtioFsDevice:
         # Region 0 is the DAX window (virtio-fs spec).
         has_window = shmem is not None and bool(shmem.sizes) and shmem.sizes[0] > 0
         self.dax = DaxWindow(shmem, 0) if has_window else None
-        self.server = FuseServer(fs, self.dax, dax_policy)
+        self.server = FuseServer(aio.for_server(fs), self.dax, dax_policy)
+        # Coroutine methods wait in the aio pool, not on the queue's own thread.
+        self._handle = (aio.deferring(self.server.handle, DEFERRED) if aio.has_coroutines(fs)
+                        else self.server.handle)
         if fs.version_table is not None:
             # A guest reads the table in shared memory region 1: no region, no extension.
             if shmem is not None:
@@ -41,7 +45,7 @@ class VirtioFsDevice:
                      if thread_pool_size > 0 else None)
 
     def queue_handler(self, index: int):
-        return self.server.handle
+        return self._handle
 
     def cancel_pending(self, complete=None) -> None:
         self.server.cancel_pending(complete=complete)

@@ -1,31 +1,55 @@
-"""The file system API the FUSE server calls.
+"""The file system API the FUSE server calls (the inode level, as libfuse's low-level API).
 
-Inode based and synchronous, in the spirit of pyfuse3's ``Operations``: methods run in the
-daemon's worker threads, take inode numbers (the FUSE node ids) and names as ``bytes``, and
-report failure by raising :class:`FsError` with an errno.  A method left unimplemented answers
-the guest ENOSYS (the guest kernel then stops asking).
+Write a subclass of :class:`FileSystem` and override what your file system supports; a method
+left alone answers the guest ENOSYS (for most operations the guest kernel then stops asking).
+For a file system of paths rather than inodes, see :class:`pyvirtiofs.PathFileSystem`.
 
-Lookup counts: every method that returns an :class:`Entry` (lookup, mknod, mkdir, symlink, link,
-create, and each entry of readdirplus) hands the guest one reference to that inode; the guest
-gives references back through :meth:`FileSystem.forget`.  An inode must stay valid until its
-count drops to zero.  The root inode (``ROOT_INODE``) is never forgotten.
+Inodes
+    Methods take inode numbers (FUSE node ids, ``int``) and names (``bytes``, never containing
+    ``/``, never ``.`` or ``..`` except in readdir).  ``ROOT_INODE`` (1) is the root and exists
+    from the start.  The node id you return in an :class:`Entry` is yours to choose; it need not
+    equal ``st_ino`` (what the guest's ``stat`` shows).
 
-Attributes are any object with ``os.stat_result``'s ``st_*`` names (``os.stat_result`` itself, or
-:class:`Attr`).  ``st_ino`` is what the guest sees as the inode number; it need not equal the node id.
+Lookup counts
+    Every method that returns an :class:`Entry` -- lookup, mknod, mkdir, symlink, link, create,
+    tmpfile, and the server's own lookups for READDIRPLUS -- hands the guest one reference to
+    that node id.  The guest returns references through :meth:`FileSystem.forget`, possibly
+    much later and in batches.  A node id must stay valid while its count is above zero, even
+    after its last name is gone (an unlinked open file), and must not be reused for another
+    file while it is.  getattr and setattr also return an :class:`Entry` but hand out no
+    reference.  :class:`pyvirtiofs.InodeTable` keeps these counts for you.
+
+Errors
+    Raise :class:`FsError` (or let an ``OSError`` escape): the guest gets its errno.  Any other
+    exception is a bug: the guest gets EIO and the daemon logs the traceback.
+
+Concurrency
+    Methods are called concurrently from several threads: one per request queue, plus the
+    thread pool (``thread_pool_size``), plus a thread per waiting lock.  Protect shared state
+    yourself (a ``threading.Lock`` is enough for most).  Several requests for the same inode
+    or handle may be in progress at once; FORGET may arrive while another request for the same
+    node id is being served (the count only reaches zero once the guest has no use for it).
+
+Async
+    Any method may be a coroutine function (``async def``); it then runs on an event loop the
+    library manages (see :mod:`pyvirtiofs.aio`), and the request queue keeps serving meanwhile.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Protocol
 
 ROOT_INODE = 1
+"""The node id of the root directory; it is never forgotten."""
 
 
 class FsError(Exception):
-    """A file system error that becomes an errno reply to the guest."""
+    """A file system error that becomes an errno reply to the guest: ``FsError(errno.ENOENT)``."""
 
     def __init__(self, errno_: int, message: str | None = None):
         super().__init__(errno_, message or os.strerror(errno_))
@@ -33,8 +57,8 @@ class FsError(Exception):
 
 
 class Context:
-    """Who asks: the credentials of the guest process behind a request (one per request,
-    hence a plain slotted class)."""
+    """Who asks: the credentials of the guest process behind a request (``uid``, ``gid``,
+    ``pid``, and for requests that create something the ``umask`` to apply)."""
     __slots__ = ("uid", "gid", "pid", "umask")
 
     def __init__(self, uid: int, gid: int, pid: int, umask: int = 0):
@@ -47,9 +71,37 @@ class Context:
         return f"Context(uid={self.uid}, gid={self.gid}, pid={self.pid}, umask={self.umask:o})"
 
 
+class StatResult(Protocol):
+    """What attributes must look like: ``os.stat_result`` and :class:`Attr` both qualify.
+    (``st_blksize`` may be missing; 4096 is used then.)"""
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_nlink(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_blocks(self) -> int: ...
+    @property
+    def st_atime_ns(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
 @dataclass
 class Attr:
-    """Attributes for file systems that do not have an ``os.stat_result`` at hand."""
+    """File attributes, for file systems without an ``os.stat_result`` at hand.  Times are in
+    nanoseconds since the epoch; ``st_blocks`` counts 512-byte units."""
     st_ino: int = 0
     st_mode: int = 0
     st_nlink: int = 1
@@ -65,11 +117,14 @@ class Attr:
 
 
 class Entry:
-    """The answer to a lookup: a node id, its attributes and how long the guest may cache them."""
+    """A node id with its attributes and how long the guest may cache them (seconds).
+
+    Returned by every method that names a node (lookup, mkdir, create, ...) and by getattr and
+    setattr.  ``generation`` must change if a node id is ever reused for another file."""
     __slots__ = ("inode", "attr", "generation", "entry_timeout", "attr_timeout")
 
-    def __init__(self, inode: int, attr, generation: int = 0, entry_timeout: float = 1.0,
-                 attr_timeout: float = 1.0):
+    def __init__(self, inode: int, attr: StatResult, generation: int = 0,
+                 entry_timeout: float = 1.0, attr_timeout: float = 1.0):
         self.inode = inode
         self.attr = attr
         self.generation = generation
@@ -80,18 +135,56 @@ class Entry:
         return f"Entry(inode={self.inode}, generation={self.generation})"
 
 
+class FileType(enum.IntEnum):
+    """Directory entry types (the ``DT_*`` values of ``<dirent.h>``)."""
+    UNKNOWN = 0
+    FIFO = 1
+    CHR = 2
+    DIR = 4
+    BLK = 6
+    REG = 8
+    LNK = 10
+    SOCK = 12
+
+    @classmethod
+    def of_mode(cls, mode: int) -> "FileType":
+        """The entry type of a file with this ``st_mode``."""
+        return _TYPE_OF_MODE.get(stat.S_IFMT(mode), cls.UNKNOWN)
+
+
+_TYPE_OF_MODE = {stat.S_IFIFO: FileType.FIFO, stat.S_IFCHR: FileType.CHR,
+                 stat.S_IFDIR: FileType.DIR, stat.S_IFBLK: FileType.BLK,
+                 stat.S_IFREG: FileType.REG, stat.S_IFLNK: FileType.LNK,
+                 stat.S_IFSOCK: FileType.SOCK}
+
+
 class DirEntry:
-    """One directory entry; ``offset`` is the cookie that continues the listing *after* it."""
+    """One directory entry: ``name``, ``ino`` (shown as d_ino), ``type`` (a :class:`FileType`)
+    and ``offset``, the cookie that continues the listing *after* this entry."""
     __slots__ = ("name", "ino", "type", "offset")
 
     def __init__(self, name: bytes, ino: int, type: int, offset: int):
         self.name = name
         self.ino = ino
-        self.type = type  # DT_* value
+        self.type = type
         self.offset = offset
 
     def __repr__(self) -> str:
         return f"DirEntry({self.name!r}, ino={self.ino}, type={self.type}, offset={self.offset})"
+
+
+@dataclass
+class StatFs:
+    """The answer to statfs (the ``os.statvfs_result`` fields the guest uses; an
+    ``os.statvfs_result`` is accepted as well)."""
+    f_bsize: int = 4096
+    f_frsize: int = 4096
+    f_blocks: int = 0
+    f_bfree: int = 0
+    f_bavail: int = 0
+    f_files: int = 0
+    f_ffree: int = 0
+    f_namemax: int = 255
 
 
 @dataclass
@@ -110,6 +203,8 @@ class SetattrRequest:
 
 @dataclass
 class OpenResult:
+    """An open file or directory: ``fh`` is your handle (passed back to read, write, release,
+    ...); the flags tell the guest how to cache its data."""
     fh: int
     direct_io: bool = False
     keep_cache: bool = False
@@ -118,7 +213,7 @@ class OpenResult:
 
 @dataclass
 class Capabilities:
-    """What a file system supports beyond the basic operations (the server negotiates it)."""
+    """What a file system supports beyond the basic operations (negotiated at FUSE_INIT)."""
     posix_locks: bool = False
     flock_locks: bool = False
     writeback_cache: bool = False
@@ -126,24 +221,45 @@ class Capabilities:
     readdirplus: bool = True           # READDIRPLUS answered (DO_READDIRPLUS, READDIRPLUS_AUTO)
     handle_killpriv_v2: bool = True    # the fs clears suid/sgid when the guest asks
     direct_io_allow_mmap: bool = False  # guests may mmap FOPEN_DIRECT_IO files shared
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _PerInstanceCapabilities:
+    """``FileSystem.capabilities``: each instance gets its own :class:`Capabilities` on first
+    use (so changing one file system's never changes another's); assigning replaces it."""
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Capabilities:
+        if obj is None:
+            return Capabilities()
+        caps: Capabilities | None = obj.__dict__.get("capabilities")
+        if caps is None:
+            caps = obj.__dict__["capabilities"] = Capabilities()
+        return caps
 
 
 class FileSystem:
-    """Base class; override what your file system supports."""
+    """Base class of inode-level file systems; override what yours supports.
 
-    capabilities = Capabilities()
+    See the module documentation for the lookup-count, error and concurrency rules that apply
+    to every method."""
 
+    capabilities = _PerInstanceCapabilities()
+    """This file system's :class:`Capabilities` (per instance)."""
+
+    wants_end_request = False
+    """Set True to have :meth:`end_request` called after every request."""
+
+    # -- session ---------------------------------------------------------------------------
     def init(self) -> None:
-        """The guest mounted (FUSE_INIT).  May be called again after a guest reboot."""
+        """The guest mounted (FUSE_INIT).  Called again after a guest reboot (after
+        :meth:`destroy`)."""
 
     def destroy(self) -> None:
-        """The guest unmounted or the device was reset: drop every inode and handle."""
-
-    wants_end_request = False  # set True to have end_request() called
+        """The guest unmounted, rebooted or the device was reset: every lookup count drops to
+        zero and every handle is gone (no forget or release follows)."""
 
     def end_request(self) -> None:
-        """Called after every request (in the thread that served it) when
+        """Called after every request, in the thread that served it, when
         ``wants_end_request`` is true: per-request clean-up."""
 
     #: A :class:`pyvirtiofs.version_table.VersionTable` the file system bumps on every metadata
@@ -155,147 +271,194 @@ class FileSystem:
         """The version-table slot of an inode (only called when ``version_table`` is set)."""
         raise FsError(errno.ENOSYS)
 
+    # -- names and inodes ------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
+        """The entry ``name`` in directory ``parent``.  Hands out one reference (the lookup
+        count of the returned node id grows by one).  Raise ENOENT when absent."""
         raise FsError(errno.ENOSYS)
 
     def forget(self, inode: int, nlookup: int) -> None:
-        """Drop nlookup references.  Must not raise for unknown inodes."""
+        """The guest drops ``nlookup`` references to ``inode``; at zero it may be freed.
+        Must not raise, also for node ids it does not know.  Runs on the high-priority queue's
+        thread, concurrently with requests that use the same node id."""
 
-    def getattr(self, inode: int, fh: int | None, ctx: Context) -> tuple[object, float]:
+    def getattr(self, inode: int, fh: int | None, ctx: Context) -> Entry:
+        """The attributes of ``inode`` (``fh`` is the open handle when the guest has one), as
+        an :class:`Entry` for that node id; only ``attr`` and ``attr_timeout`` are used.  No
+        reference is handed out."""
         raise FsError(errno.ENOSYS)
 
-    def setattr(self, inode: int, fh: int | None, req: SetattrRequest,
-                ctx: Context) -> tuple[object, float]:
+    def setattr(self, inode: int, fh: int | None, req: SetattrRequest, ctx: Context) -> Entry:
+        """Change the attributes named in ``req`` (truncate, chmod, chown, utimens) and return
+        the new ones as :meth:`getattr` does.  No reference is handed out."""
         raise FsError(errno.ENOSYS)
 
     def readlink(self, inode: int, ctx: Context) -> bytes:
+        """The target of the symbolic link ``inode``."""
         raise FsError(errno.ENOSYS)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        """Create a symbolic link ``name`` -> ``target``.  Hands out one reference."""
         raise FsError(errno.ENOSYS)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
+        """Create a regular file, device, FIFO or socket (``mode`` includes the type; apply
+        ``ctx.umask``).  Hands out one reference."""
         raise FsError(errno.ENOSYS)
 
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
+        """Create a directory (apply ``ctx.umask``).  Hands out one reference."""
         raise FsError(errno.ENOSYS)
 
     def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        """Remove the name ``name``; the node lives on while its lookup count is above zero."""
         raise FsError(errno.ENOSYS)
 
     def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        """Remove the empty directory ``name`` (ENOTEMPTY otherwise)."""
         raise FsError(errno.ENOSYS)
 
     def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
                ctx: Context) -> None:
+        """Move ``parent/name`` to ``new_parent/new_name``; ``flags`` are renameat2's
+        (RENAME_NOREPLACE 1, RENAME_EXCHANGE 2, RENAME_WHITEOUT 4; EINVAL if unsupported).
+        Lookup counts move with the nodes: no reference is handed out or dropped."""
         raise FsError(errno.ENOSYS)
 
     def link(self, inode: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
+        """Give ``inode`` the new name ``new_parent/new_name``.  Hands out one reference."""
         raise FsError(errno.ENOSYS)
 
+    # -- files -----------------------------------------------------------------------------
     def open(self, inode: int, flags: int, ctx: Context) -> OpenResult:
+        """Open the file ``inode`` with ``open(2)`` ``flags`` (O_CREAT and O_EXCL are never
+        among them; O_TRUNC may be).  The handle lives until :meth:`release`."""
         raise FsError(errno.ENOSYS)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, OpenResult]:
+        """Create and open the regular file ``name`` (apply ``ctx.umask``; EEXIST only when
+        ``flags`` has O_EXCL).  Hands out one reference and one handle."""
         raise FsError(errno.ENOSYS)
 
     def tmpfile(self, parent: int, mode: int, flags: int,
                 ctx: Context) -> tuple[Entry, OpenResult]:
-        """An unnamed file in directory ``parent`` (open(2) with O_TMPFILE)."""
+        """An unnamed file in directory ``parent`` (open(2) with O_TMPFILE).  Hands out one
+        reference and one handle."""
         raise FsError(errno.ENOSYS)
 
     def read(self, inode: int, fh: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; fewer only at the end of the file."""
         raise FsError(errno.ENOSYS)
 
     def read_into(self, inode: int, fh: int, offset: int, buffers: list[memoryview]) -> int:
-        """Read into guest memory directly; the default copies what :meth:`read` returns."""
+        """Read straight into guest memory (``buffers``, in order); return the bytes read.
+        The default copies what :meth:`read` returns: override it to avoid the copy."""
         data = memoryview(self.read(inode, fh, offset, sum(len(b) for b in buffers)))
-        pos = 0
-        for b in buffers:
-            k = min(len(b), len(data) - pos)
-            b[:k] = data[pos:pos + k]
-            pos += k
-            if pos == len(data):
-                break
-        return pos
+        return copy_into(data, buffers)
 
     def write(self, inode: int, fh: int, offset: int, data: bytes, ctx: Context) -> int:
+        """Write ``data`` at ``offset`` (at the end for O_APPEND handles, if you honour it);
+        return the number of bytes written."""
         raise FsError(errno.ENOSYS)
 
     def write_from(self, inode: int, fh: int, offset: int, buffers: list[memoryview],
                    kill_priv: bool, ctx: Context) -> int:
-        """Write from guest memory directly; the default joins the buffers for :meth:`write`."""
+        """Write straight from guest memory; ``kill_priv``: drop suid/sgid as a write by an
+        unprivileged process would.  The default joins the buffers for :meth:`write`."""
         return self.write(inode, fh, offset, b"".join(buffers), ctx)
 
     def flush(self, inode: int, fh: int, lock_owner: int) -> None:
-        pass
+        """close(2) of one file descriptor of the handle (there may be several, or none)."""
 
     def release(self, inode: int, fh: int) -> None:
-        pass
+        """The last reference to the handle is gone; free it.  Its errors are ignored."""
 
     def fsync(self, inode: int, fh: int, datasync: bool) -> None:
-        raise FsError(errno.ENOSYS)
-
-    def opendir(self, inode: int, ctx: Context) -> OpenResult:
-        return OpenResult(fh=0)
-
-    def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
-        """Entries after cookie ``offset`` (0 = from the start), lazily; the server stops
-        pulling when the guest's buffer is full and asks again from the last cookie it used."""
-        raise FsError(errno.ENOSYS)
-
-    def releasedir(self, inode: int, fh: int) -> None:
-        pass
-
-    def fsyncdir(self, inode: int, fh: int, datasync: bool) -> None:
-        raise FsError(errno.ENOSYS)
-
-    def statfs(self, inode: int) -> os.statvfs_result:
-        raise FsError(errno.ENOSYS)
-
-    def access(self, inode: int, mask: int, ctx: Context) -> None:
-        raise FsError(errno.ENOSYS)
-
-    def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
-        raise FsError(errno.ENOSYS)
-
-    def getxattr(self, inode: int, name: bytes, ctx: Context) -> bytes:
-        raise FsError(errno.ENOSYS)
-
-    def listxattr(self, inode: int, ctx: Context) -> list[bytes]:
-        raise FsError(errno.ENOSYS)
-
-    def removexattr(self, inode: int, name: bytes, ctx: Context) -> None:
+        """Make the file's data (and, unless ``datasync``, metadata) durable."""
         raise FsError(errno.ENOSYS)
 
     def fallocate(self, inode: int, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): reserve or punch space (``mode`` flags as fallocate's)."""
         raise FsError(errno.ENOSYS)
 
     def lseek(self, inode: int, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (other whence values never reach the file system)."""
         raise FsError(errno.ENOSYS)
 
     def copy_file_range(self, inode_in: int, fh_in: int, off_in: int, inode_out: int,
                         fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """Copy ``length`` bytes between two open files without the guest seeing the data;
+        return the number copied."""
+        raise FsError(errno.ENOSYS)
+
+    # -- directories -----------------------------------------------------------------------
+    def opendir(self, inode: int, ctx: Context) -> OpenResult:
+        """Open directory ``inode`` for reading; the default hands out handle 0."""
+        return OpenResult(fh=0)
+
+    def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
+        """Entries after cookie ``offset`` (0: from the start), lazily; the server stops
+        pulling when the guest's buffer is full and asks again from the last cookie it used.
+        Include ``.`` and ``..``.  No reference is handed out (for READDIRPLUS the server calls
+        :meth:`lookup` itself, which does)."""
+        raise FsError(errno.ENOSYS)
+
+    def releasedir(self, inode: int, fh: int) -> None:
+        """The directory handle is closed."""
+
+    def fsyncdir(self, inode: int, fh: int, datasync: bool) -> None:
+        """fsync(2) on a directory."""
+        raise FsError(errno.ENOSYS)
+
+    # -- the file system as a whole --------------------------------------------------------
+    def statfs(self, inode: int) -> StatFs:
+        """Sizes and counts for statfs(2) (``inode`` is any node of the file system)."""
         raise FsError(errno.ENOSYS)
 
     def syncfs(self, inode: int) -> None:
+        """syncfs(2): make everything durable."""
         raise FsError(errno.ENOSYS)
 
-    def map_source(self, inode: int, fh: int | None, writable: bool):
+    def map_source(self, inode: int, fh: int | None, writable: bool) -> Any:
         """DAX (FUSE_SETUPMAPPING): a :class:`pyvirtiofs.dax.MapSource` for the file, whose
         ``open(writable)`` gives a new fd to map.  ``fh`` is None when the guest names only the
         inode (Linux does); a given ``fh`` must be this inode's, and opened for writing when
         ``writable``.  Raise FsError to refuse (EBADF, EACCES, EROFS, ...)."""
         raise FsError(errno.ENOSYS)
 
-    # Locks (only called when capabilities say so).
+    def access(self, inode: int, mask: int, ctx: Context) -> None:
+        """access(2) with ``mask`` (R_OK, W_OK, X_OK; 0 = F_OK); raise EACCES to refuse."""
+        raise FsError(errno.ENOSYS)
+
+    # -- extended attributes ---------------------------------------------------------------
+    def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        """Set extended attribute ``name`` (``flags``: XATTR_CREATE 1, XATTR_REPLACE 2)."""
+        raise FsError(errno.ENOSYS)
+
+    def getxattr(self, inode: int, name: bytes, ctx: Context) -> bytes:
+        """The value of ``name`` (ENODATA when absent); the server checks the guest's size."""
+        raise FsError(errno.ENOSYS)
+
+    def listxattr(self, inode: int, ctx: Context) -> list[bytes]:
+        """The names of the extended attributes."""
+        raise FsError(errno.ENOSYS)
+
+    def removexattr(self, inode: int, name: bytes, ctx: Context) -> None:
+        """Remove ``name`` (ENODATA when absent)."""
+        raise FsError(errno.ENOSYS)
+
+    # -- locks (only called when capabilities enable them) ---------------------------------
     def getlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
               pid: int) -> tuple[int, int, int, int]:
+        """F_GETLK: the first conflicting lock as ``(start, end, type, pid)``, or the asked
+        range with type F_UNLCK (2) when there is none."""
         raise FsError(errno.ENOSYS)
 
     def setlk(self, inode: int, fh: int, owner: int, start: int, end: int, type_: int,
               pid: int, wait: bool, flock: bool) -> None:
+        """Take or release a lock without blocking (``wait`` is always False: raise EAGAIN and
+        the server retries a waiting request from a thread of its own)."""
         raise FsError(errno.ENOSYS)
 
     def begin_lock_wait(self, inode: int, owner: int, start: int, end: int, type_: int,
@@ -304,3 +467,15 @@ class FileSystem:
 
     def end_lock_wait(self, inode: int, owner: int, flock: bool) -> None:
         """The wait announced by :meth:`begin_lock_wait` is over."""
+
+
+def copy_into(data: memoryview, buffers: list[memoryview]) -> int:
+    """Copy ``data`` into consecutive ``buffers``; return the number of bytes copied."""
+    pos = 0
+    for b in buffers:
+        k = min(len(b), len(data) - pos)
+        b[:k] = data[pos:pos + k]
+        pos += k
+        if pos == len(data):
+            break
+    return pos

@@ -172,6 +172,11 @@ def encode_attr_out(attr, timeout: float, attr_flags: int = 0) -> bytes:
     return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr, attr_flags))
 
 
+def _attr_and_timeout(res) -> tuple:
+    """getattr/setattr answer an Entry; PassthroughFs still answers (attr, timeout)."""
+    return res if type(res) is tuple else (res.attr, res.attr_timeout)
+
+
 def encode_open(o: OpenResult) -> bytes:
     flags = ((abi.FOPEN_DIRECT_IO if o.direct_io else 0) | (abi.FOPEN_KEEP_CACHE if o.keep_cache else 0)
              | (abi.FOPEN_CACHE_DIR if o.cache_dir else 0))
@@ -491,12 +496,14 @@ class FuseServer:
 
     def _op_getattr(self, req, r, w):
         flags, _, fh = _GETATTR_IN_UNPACK(r.read(16))
+        fh = fh if flags & abi.GETATTR_FH else None
         if self.flags & abi.PYVFS_VERSION_TABLE:
             slot, version = self._version(req.nodeid)  # before the stat (see _op_lookup)
-            attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
-            return self._reply(w, self._attr_out(attr, t) + abi.VERSION_OUT.pack(slot, version))
-        attr, t = self.fs.getattr(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
-        return self._reply(w, self._attr_out(attr, t))
+            res = self.fs.getattr(req.nodeid, fh, req.ctx)
+            return self._reply(w, self._attr_out(*_attr_and_timeout(res))
+                               + abi.VERSION_OUT.pack(slot, version))
+        return self._reply(w, self._attr_out(*_attr_and_timeout(
+            self.fs.getattr(req.nodeid, fh, req.ctx))))
 
     def _op_setattr(self, req, r, w):
         (valid, _, fh, size, _lo, atime, mtime, _ct, atimens, mtimens, _ctns, mode, _u4, uid, gid,
@@ -519,8 +526,8 @@ class FuseServer:
         elif valid & abi.FATTR_MTIME:
             s.mtime_ns = mtime * 1_000_000_000 + mtimens
         s.kill_suidgid = bool(valid & abi.FATTR_KILL_SUIDGID)
-        attr, t = self.fs.setattr(req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx)
-        return self._reply(w, self._attr_out(attr, t))
+        return self._reply(w, self._attr_out(*_attr_and_timeout(self.fs.setattr(
+            req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx))))
 
     def _op_readlink(self, req, r, w):
         return self._reply(w, self.fs.readlink(req.nodeid, req.ctx))

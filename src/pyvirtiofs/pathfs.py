@@ -1,0 +1,295 @@
+"""The path level, as libfuse's high-level API and fusepy's ``Operations``: subclass
+:class:`PathFileSystem` and implement methods that take paths (``str``, absolute, ``"/"`` is the
+root); node ids, lookup counts and handles are kept for you by :class:`PathAdapter`, an
+inode-level :class:`FileSystem` built on :class:`InodeTable` and :class:`HandleTable`.
+
+:func:`pyvirtiofs.serve` and :func:`pyvirtiofs.mount` take either level.
+
+Errors and concurrency are as for :class:`FileSystem`: raise :class:`FsError` or let an
+``OSError`` escape; methods run concurrently in several threads; any may be ``async def``.
+Unlinked files: once a name is removed, its node is gone for the path level too, so an open
+file whose name was removed answers ESTALE (libfuse's ``hard_remove``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+import time
+from typing import Any, Iterable
+
+from . import aio
+from .filesystem import (Context, DirEntry, Entry, FileSystem, FileType, FsError, OpenResult,
+                         SetattrRequest, StatFs, StatResult)
+from .inodes import HandleTable, InodeTable
+
+_GONE = "//gone"  # the key of a node whose name was removed: matches no real path
+
+
+class PathFileSystem:
+    """Base class of path-level file systems.  ``getattr`` and ``readdir`` make a read-only
+    tree; ``open`` and ``read`` make files readable; the rest make it writable.  Anything
+    not implemented answers ENOSYS (read-only operations) or EROFS (changes)."""
+
+    entry_timeout: float = 1.0
+    """Seconds the guest may cache names and attributes (0: ask every time)."""
+
+    def getattr(self, path: str) -> StatResult:
+        """The attributes of ``path`` (an :class:`Attr` or ``os.stat_result``); ENOENT if it
+        does not exist.  ``st_ino`` may be 0: the node id is shown then."""
+        raise FsError(errno.ENOSYS)
+
+    def readdir(self, path: str) -> Iterable[str]:
+        """The names in directory ``path`` (without ``.`` and ``..``)."""
+        raise FsError(errno.ENOSYS)
+
+    def readlink(self, path: str) -> str:
+        raise FsError(errno.ENOSYS)
+
+    def open(self, path: str, flags: int) -> Any:
+        """Open ``path``; whatever you return is the ``fh`` given to read, write and release."""
+        return None
+
+    def create(self, path: str, mode: int, flags: int) -> Any:
+        """Create and open the regular file ``path`` (``mode`` includes S_IFREG)."""
+        raise FsError(errno.EROFS)
+
+    def read(self, path: str, fh: Any, offset: int, size: int) -> bytes:
+        raise FsError(errno.ENOSYS)
+
+    def write(self, path: str, fh: Any, offset: int, data: bytes) -> int:
+        raise FsError(errno.EROFS)
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> None:
+        raise FsError(errno.EROFS)
+
+    def flush(self, path: str, fh: Any) -> None:
+        """close(2) of one descriptor of ``fh``."""
+
+    def fsync(self, path: str, fh: Any, datasync: bool) -> None:
+        """Make the file durable (default: nothing to do)."""
+
+    def release(self, path: str | None, fh: Any) -> None:
+        """The last descriptor of ``fh`` is closed (``path`` is None if it was removed)."""
+
+    def mkdir(self, path: str, mode: int) -> None:
+        raise FsError(errno.EROFS)
+
+    def mknod(self, path: str, mode: int, rdev: int) -> None:
+        raise FsError(errno.EROFS)
+
+    def symlink(self, path: str, target: str) -> None:
+        raise FsError(errno.EROFS)
+
+    def link(self, path: str, new_path: str) -> None:
+        raise FsError(errno.EROFS)
+
+    def unlink(self, path: str) -> None:
+        raise FsError(errno.EROFS)
+
+    def rmdir(self, path: str) -> None:
+        raise FsError(errno.EROFS)
+
+    def rename(self, old: str, new: str, flags: int) -> None:
+        """Move ``old`` to ``new`` (replacing it); ``flags`` as renameat2's (EINVAL if set and
+        unsupported)."""
+        raise FsError(errno.EROFS)
+
+    def chmod(self, path: str, mode: int) -> None:
+        raise FsError(errno.EROFS)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        """``uid``/``gid`` of -1 mean unchanged."""
+        raise FsError(errno.EROFS)
+
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """Set times (nanoseconds since the epoch; None: unchanged)."""
+        raise FsError(errno.EROFS)
+
+    def statfs(self, path: str) -> StatFs:
+        return StatFs()
+
+
+def _path(parent: str, name: bytes) -> str:
+    return posixpath.join(parent, os.fsdecode(name))
+
+
+class PathAdapter(FileSystem):
+    """Serves a :class:`PathFileSystem` through the inode-level API."""
+
+    def __init__(self, fs: PathFileSystem):
+        names = aio.async_methods(fs)
+        self.fs: PathFileSystem = aio.Blocking(fs, names) if names else fs  # type: ignore
+        self._has_coroutines = bool(names)
+        self.inodes: InodeTable[str] = InodeTable("/")
+        self.handles: HandleTable[tuple[int, Any]] = HandleTable()  # fh -> (inode, your fh)
+
+    def destroy(self) -> None:
+        self.inodes.clear()
+        self.handles.clear()
+
+    def _path(self, inode: int) -> str:
+        path = self.inodes[inode]
+        if path.startswith(_GONE):
+            raise FsError(errno.ESTALE, "the file was removed")
+        return path
+
+    def _entry(self, path: str) -> Entry:
+        attr = self.fs.getattr(path)  # before taking a reference: ENOENT must not leak one
+        inode = self.inodes.lookup(path)
+        t = self.fs.entry_timeout
+        return Entry(inode, self._with_ino(attr, inode), entry_timeout=t, attr_timeout=t)
+
+    @staticmethod
+    def _with_ino(attr: StatResult, inode: int) -> StatResult:
+        return attr if attr.st_ino else _AttrView(attr, inode)
+
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
+        return self._entry(_path(self._path(parent), name))
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        self.inodes.forget(inode, nlookup)
+
+    def getattr(self, inode: int, fh: int | None, ctx: Context) -> Entry:
+        t = self.fs.entry_timeout
+        attr = self.fs.getattr(self._path(inode))
+        return Entry(inode, self._with_ino(attr, inode), attr_timeout=t)
+
+    def setattr(self, inode: int, fh: int | None, req: SetattrRequest, ctx: Context) -> Entry:
+        path = self._path(inode)
+        if req.mode is not None:
+            self.fs.chmod(path, stat.S_IMODE(req.mode))
+        if req.uid is not None or req.gid is not None:
+            self.fs.chown(path, -1 if req.uid is None else req.uid,
+                          -1 if req.gid is None else req.gid)
+        if req.size is not None:
+            self.fs.truncate(path, req.size, self.handles[fh][1] if fh is not None else None)
+        if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
+            now = time.time_ns()
+            self.fs.utimens(path, now if req.atime_now else req.atime_ns,
+                            now if req.mtime_now else req.mtime_ns)
+        return self.getattr(inode, fh, ctx)
+
+    def readlink(self, inode: int, ctx: Context) -> bytes:
+        return os.fsencode(self.fs.readlink(self._path(inode)))
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
+        path = _path(self._path(parent), name)
+        self.fs.mkdir(path, mode & ~ctx.umask & 0o7777)
+        return self._entry(path)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
+        path = _path(self._path(parent), name)
+        self.fs.mknod(path, mode & ~ctx.umask, rdev)
+        return self._entry(path)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        path = _path(self._path(parent), name)
+        self.fs.symlink(path, os.fsdecode(target))
+        return self._entry(path)
+
+    def link(self, inode: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
+        path = _path(self._path(new_parent), new_name)
+        self.fs.link(self._path(inode), path)
+        return self._entry(path)
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        path = _path(self._path(parent), name)
+        self.fs.unlink(path)
+        self.inodes.detach(path, _GONE)
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        path = _path(self._path(parent), name)
+        self.fs.rmdir(path)
+        self.inodes.detach(path, _GONE)
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+               ctx: Context) -> None:
+        old = _path(self._path(parent), name)
+        new = _path(self._path(new_parent), new_name)
+        self.fs.rename(old, new, flags)
+        if flags & 2:  # RENAME_EXCHANGE: swap the two subtrees' keys
+            tmp = "//swap" + new
+            self._move(new, tmp)
+            self._move(old, new)
+            self._move(tmp, old)
+        else:
+            self.inodes.detach(new, _GONE)
+            self._move(old, new)
+
+    def _move(self, old: str, new: str) -> None:
+        """Rename ``old`` and every path under it."""
+        prefix = old + "/"
+        for key in self.inodes.keys():
+            if key.startswith(prefix):
+                self.inodes.rekey(key, new + key[len(old):])
+        self.inodes.rekey(old, new)
+
+    def open(self, inode: int, flags: int, ctx: Context) -> OpenResult:
+        fh = self.fs.open(self._path(inode), flags)
+        return OpenResult(self.handles.add((inode, fh)))
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               ctx: Context) -> tuple[Entry, OpenResult]:
+        path = _path(self._path(parent), name)
+        fh = self.fs.create(path, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), flags)
+        entry = self._entry(path)
+        return entry, OpenResult(self.handles.add((entry.inode, fh)))
+
+    def read(self, inode: int, fh: int, offset: int, size: int) -> bytes:
+        return self.fs.read(self._path(inode), self.handles[fh][1], offset, size)
+
+    def write(self, inode: int, fh: int, offset: int, data: bytes, ctx: Context) -> int:
+        return self.fs.write(self._path(inode), self.handles[fh][1], offset, data)
+
+    def flush(self, inode: int, fh: int, lock_owner: int) -> None:
+        self.fs.flush(self._path(inode), self.handles[fh][1])
+
+    def fsync(self, inode: int, fh: int, datasync: bool) -> None:
+        self.fs.fsync(self._path(inode), self.handles[fh][1], datasync)
+
+    def release(self, inode: int, fh: int) -> None:
+        opened = self.handles.pop(fh)
+        if opened is not None:
+            key = self.inodes.get(inode)
+            self.fs.release(None if key is None or key.startswith(_GONE) else key, opened[1])
+
+    def opendir(self, inode: int, ctx: Context) -> OpenResult:
+        path = self._path(inode)
+        names = [".", ".."] + list(self.fs.readdir(path))
+        return OpenResult(self.handles.add((inode, names)))
+
+    def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
+        path = self._path(inode)
+        names = self.handles[fh][1]
+        for i in range(offset, len(names)):
+            name = names[i]
+            if name in (".", ".."):
+                yield DirEntry(os.fsencode(name), inode, FileType.DIR, i + 1)
+                continue
+            try:
+                attr = self.fs.getattr(posixpath.join(path, name))
+            except (FsError, OSError):
+                continue  # removed since opendir
+            yield DirEntry(os.fsencode(name), attr.st_ino or 0xFFFFFFFF,
+                           FileType.of_mode(attr.st_mode), i + 1)
+
+    def releasedir(self, inode: int, fh: int) -> None:
+        self.handles.pop(fh)
+
+    def statfs(self, inode: int) -> StatFs:
+        return self.fs.statfs("/")
+
+
+class _AttrView:
+    """Your attributes with the node id as ``st_ino`` (when you left it 0)."""
+    __slots__ = ("_a", "st_ino")
+
+    def __init__(self, attr: StatResult, inode: int):
+        self._a = attr
+        self.st_ino = inode
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._a, name)

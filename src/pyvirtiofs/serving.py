@@ -1,0 +1,180 @@
+"""Serving a file system to one vhost-user frontend (QEMU): :func:`serve` and :class:`Server`.
+
+    pyvirtiofs.serve(MyFs(), "/tmp/myfs.sock")     # returns when the VM disconnects
+
+    with pyvirtiofs.Server(MyFs(), "/tmp/myfs.sock") as server:   # a thread, for tests
+        ...                                                       # stopped on exit
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Callable, Union
+
+from .device import VirtioFsDevice
+from .filesystem import FileSystem
+from .pathfs import PathAdapter, PathFileSystem
+from .vhost_user.backend import VhostUserBackend
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_QUEUES = 255  # vhost-user names rings in 8 bits: 1 hiprio + 255 request queues
+
+
+class SocketInUse(OSError):
+    """Another process listens on the socket path already."""
+
+
+def listen(path: str | os.PathLike[str]) -> socket.socket:
+    """A Unix socket listening on ``path``.  A stale socket file (nobody listening) from an
+    earlier run is replaced; a live one raises :class:`SocketInUse`."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        else:
+            raise SocketInUse(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        s.listen(1)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+AnyFileSystem = Union[FileSystem, PathFileSystem]
+
+
+def as_filesystem(fs: AnyFileSystem) -> FileSystem:
+    """The inode-level file system that serves ``fs`` (a :class:`PathFileSystem` is adapted)."""
+    if isinstance(fs, PathFileSystem):
+        return PathAdapter(fs)
+    return fs
+
+
+def _check(fs: AnyFileSystem, queues: int, thread_pool_size: int) -> None:
+    if not isinstance(fs, (FileSystem, PathFileSystem)):
+        raise TypeError(f"expected a pyvirtiofs.FileSystem or PathFileSystem, "
+                        f"not {type(fs).__name__}")
+    if not 1 <= queues <= MAX_REQUEST_QUEUES:
+        raise ValueError(f"queues must be 1..{MAX_REQUEST_QUEUES}, not {queues}")
+    if thread_pool_size < 0:
+        raise ValueError(f"thread_pool_size must be >= 0, not {thread_pool_size}")
+
+
+class Server:
+    """One frontend served in a background thread: listens on ``socket_path`` as soon as it is
+    made (so a VM can be started right after), serves the first frontend that connects, and
+    ends when that frontend leaves or :meth:`stop` is called.
+
+    ``queues`` is how many request queues the device offers (the VM uses as many as it was
+    configured with, up to that); ``thread_pool_size`` threads serve requests that wait behind
+    others on a queue (0: each queue's thread serves its requests in turn)."""
+
+    def __init__(self, fs: AnyFileSystem, socket_path: str | os.PathLike[str], *, queues: int = 1,
+                 thread_pool_size: int = 0):
+        _check(fs, queues, thread_pool_size)
+        self.fs = fs
+        self.socket_path = os.fspath(socket_path)
+        self.queues = queues
+        self.thread_pool_size = thread_pool_size
+        self.error: BaseException | None = None
+        self._listener: socket.socket | None = listen(self.socket_path)
+        self._conn: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pyvirtiofs-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            assert self._listener is not None
+            serve_listener(self.fs, self._listener, queues=self.queues,
+                           thread_pool_size=self.thread_pool_size, on_connect=self._connected,
+                           socket_path=self.socket_path)
+        except OSError as e:
+            if not self._stopping:  # stop() wakes accept() with an error: not a failure
+                self.error = e
+                log.error("server on %s failed: %s", self.socket_path, e)
+        except BaseException as e:
+            self.error = e
+            log.exception("server on %s failed", self.socket_path)
+
+    def _connected(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conn = conn
+            if self._stopping:
+                conn.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def running(self) -> bool:
+        """True until the frontend has left (or the server was stopped)."""
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the frontend has left; False if ``timeout`` expired first."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Disconnect the frontend (or stop waiting for one) and wait for the thread."""
+        with self._lock:
+            self._stopping = True
+            for s in (self._conn, self._listener):
+                if s is not None:
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)  # wakes accept() and recv()
+                    except OSError:
+                        pass
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_listener(fs: AnyFileSystem, listener: socket.socket, *, queues: int = 1,
+                   thread_pool_size: int = 0,
+                   on_connect: Callable[[socket.socket], None] | None = None,
+                   socket_path: str | None = None) -> None:
+    """Accept one frontend on ``listener`` (closed afterwards) and serve it until it leaves.
+    ``socket_path``, when given, is removed once the frontend is connected."""
+    _check(fs, queues, thread_pool_size)
+    try:
+        log.info("waiting for a vhost-user frontend on %s", socket_path or listener)
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+        if socket_path is not None:
+            try:
+                os.unlink(socket_path)
+            except FileNotFoundError:
+                pass
+    log.info("frontend connected")
+    if on_connect is not None:
+        on_connect(conn)
+    device = VirtioFsDevice(as_filesystem(fs), num_request_queues=queues, thread_pool_size=thread_pool_size)
+    VhostUserBackend(device).serve(conn)
+
+
+def serve(fs: AnyFileSystem, socket_path: str | os.PathLike[str], *, queues: int = 1,
+          thread_pool_size: int = 0) -> None:
+    """Listen on ``socket_path``, serve the first vhost-user frontend that connects (a VM
+    started with ``-chardev socket,path=SOCKET -device vhost-user-fs-pci,tag=TAG``) and return
+    when it disconnects.  The socket file is removed once the frontend is connected.
+    Options as for :class:`Server`."""
+    _check(fs, queues, thread_pool_size)
+    serve_listener(fs, listen(socket_path), queues=queues, thread_pool_size=thread_pool_size,
+                   socket_path=os.fspath(socket_path))

@@ -1,0 +1,62 @@
+"""The examples of the file system API (examples/*.py) serve a real guest, as a user runs them:
+``python examples/NAME.py SOCKET [ARGS]``.  Each must end by itself with status 0 when the VM
+leaves, without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofs.testing import guestvm
+
+from .conftest import daemon_env
+
+pytestmark = pytest.mark.guest
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def serve_example(name: str, script: str, tmp: Path, *args: str, hostroot: bool = False) -> str:
+    """Run examples/NAME.py on a socket, boot a guest that runs ``script`` in the mount, and
+    return the script's output."""
+    sock = str(tmp / f"{name}.sock")
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / f"{name}.py"), sock, *args],
+                            env=daemon_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if Path(sock).exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        res = guestvm.run_guest(script, [guestvm.Share("ex", socket=sock)], daemons=[proc],
+                                hostroot=hostroot, timeout=300)
+        rc = proc.wait(20)  # the example returns when the VM leaves
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert rc == 0 and "Traceback" not in err, f"{name} exited {rc}:\n{err}"
+    assert res.status == 0, res.output
+    return res.output
+
+
+def test_hello_example(guest_ready, short_tmp):
+    out = serve_example("hello_fs", "ls; cat hello; cat missing 2>&1; touch new 2>&1; true",
+                        short_tmp)
+    lines = out.splitlines()
+    assert lines[0] == "hello" and lines[1] == "hello from Python", out
+    assert "No such file" in lines[2]
+
+
+def test_path_example(guest_ready, short_tmp):
+    out = serve_example("path_fs", """
+        cat README
+        mkdir d && echo one > d/a && echo two >> d/a && cat d/a
+        mv d e && ls e && cat e/a
+        dd if=/dev/zero of=e/a bs=1 count=0 seek=3 2>/dev/null; wc -c < e/a
+        rmdir e 2>&1 | grep -c 'not empty'
+        rm e/a && rmdir e && ls
+        """, short_tmp)
+    assert out.split() == ["files", "live", "in", "a", "Python", "dict",
+                           "one", "two", "a", "one", "two", "3", "1", "README"], out
