@@ -107,10 +107,13 @@ def test_no_window_by_default(daemon):
 
 
 def test_frontend_without_shmem(start_daemon):
-    """A QEMU without SHMEM (7.2) talks to a daemon with a window: everything else works and
-    SETUPMAPPING answers EOPNOTSUPP."""
+    """A QEMU without SHMEM (7.2) talks to a daemon with a window: the guest is offered no
+    MAP_ALIGNMENT and no per-inode DAX, everything else works, and SETUPMAPPING answers
+    EOPNOTSUPP."""
     dx = Dax(start_daemon, shmem=False)
     assert dx.win is None
+    assert not dx.init.flags & (F.FUSE_MAP_ALIGNMENT | F.FUSE_HAS_INODE_DAX)
+    assert dx.init.map_alignment == 0
     e = dx.file("f", b"x" * PAGE)
     assert dx.errno_of(dx.setup, e.nodeid, 0, PAGE, 0) == errno.EOPNOTSUPP
     assert dx.c.getattr(e.nodeid).attr.size == PAGE

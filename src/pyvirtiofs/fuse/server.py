@@ -358,7 +358,7 @@ class FuseServer:
                 want |= abi.HANDLE_KILLPRIV_V2
             if caps.direct_io_allow_mmap:
                 want |= abi.DIRECT_IO_ALLOW_MMAP
-            if self.dax is not None:
+            if self.dax is not None and self.dax.available:  # a window the guest can see
                 want |= abi.MAP_ALIGNMENT | abi.HAS_INODE_DAX
                 self.dax.remove_all()  # mappings of an earlier session, if any
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)

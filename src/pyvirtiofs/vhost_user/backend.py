@@ -215,6 +215,9 @@ class VhostUserBackend:
             if features & m.PF_SHMEM and not usable:
                 log.warning("frontend took SHMEM without BACKEND_REQ and REPLY_ACK: "
                             "shared memory stays unused")
+            elif not features & m.PF_SHMEM:
+                log.info("the frontend has no vhost-user SHMEM (QEMU 10.2 and older): "
+                         "no shared memory regions, no DAX window")
             self.shmem.negotiated(usable)
 
     def _get_shmem_config(self, msg):
