@@ -288,6 +288,12 @@ class FileSystem:
         reference is handed out."""
         raise FsError(errno.ENOSYS)
 
+    def statx(self, inode: int, fh: int | None, ctx: Context) -> Entry:
+        """Like :meth:`getattr`, for guests that ask for more (FUSE_STATX, Linux >= 6.6): the
+        attributes may also carry ``st_birthtime_ns`` (None or absent: no birth time).
+        Unimplemented, the guest falls back to GETATTR for good."""
+        raise FsError(errno.ENOSYS)
+
     def setattr(self, inode: int, fh: int | None, req: SetattrRequest, ctx: Context) -> Entry:
         """Change the attributes named in ``req`` (truncate, chmod, chown, utimens) and return
         the new ones as :meth:`getattr` does.  No reference is handed out."""

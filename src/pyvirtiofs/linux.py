@@ -142,3 +142,39 @@ def open_by_handle_at(mount_fd: int, handle: bytes, flags: int) -> int:
     buf = ctypes.create_string_buffer(handle, len(handle))
     return check(_syscall(SYS_open_by_handle_at, mount_fd, buf, flags | os.O_CLOEXEC),
                   "open_by_handle_at")
+
+
+# statx(2): the birth time (and attribute bits) that os.stat does not give.
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
+_STATX_HEAD = struct.Struct("<IIQIIIHxxQQQQ" + "qIxxxx" * 4 + "IIII")  # struct statx up to dev_minor
+_statx = libc.statx
+_statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+
+
+class Statx:
+    """The result of statx(2) with ``os.stat_result``'s ``st_*`` names, plus ``stx_mask`` (what
+    the kernel filled), ``st_birthtime_ns`` (None when the file system has no birth time),
+    ``stx_attributes`` and ``stx_attributes_mask``."""
+    __slots__ = ("stx_mask", "st_blksize", "stx_attributes", "st_nlink", "st_uid", "st_gid",
+                 "st_mode", "st_ino", "st_size", "st_blocks", "stx_attributes_mask",
+                 "st_atime_ns", "st_birthtime_ns", "st_ctime_ns", "st_mtime_ns", "st_rdev", "st_dev")
+
+    def __init__(self, raw: bytes):
+        (self.stx_mask, self.st_blksize, self.stx_attributes, self.st_nlink, self.st_uid,
+         self.st_gid, self.st_mode, self.st_ino, self.st_size, self.st_blocks,
+         self.stx_attributes_mask, a, an, b, bn, c, cn, m, mn,
+         rmaj, rmin, dmaj, dmin) = _STATX_HEAD.unpack_from(raw)
+        self.st_atime_ns = a * 1_000_000_000 + an
+        self.st_birthtime_ns = b * 1_000_000_000 + bn if self.stx_mask & STATX_BTIME else None
+        self.st_ctime_ns = c * 1_000_000_000 + cn
+        self.st_mtime_ns = m * 1_000_000_000 + mn
+        self.st_rdev = os.makedev(rmaj, rmin)
+        self.st_dev = os.makedev(dmaj, dmin)
+
+
+def statx(fd: int, mask: int = STATX_BASIC_STATS | STATX_BTIME) -> Statx:
+    """statx(2) of the file ``fd`` refers to (an O_PATH fd will do)."""
+    buf = ctypes.create_string_buffer(256)
+    check(_statx(fd, b"", AT_EMPTY_PATH, mask, buf), "statx")
+    return Statx(buf.raw)

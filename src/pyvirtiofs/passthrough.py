@@ -380,6 +380,10 @@ class PassthroughFs(FileSystem):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
         return os.stat(fd), self.cache.timeout
 
+    def statx(self, inode, fh, ctx):
+        fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
+        return linux.statx(fd), self.cache.timeout
+
     def setattr(self, inode, fh, req: SetattrRequest, ctx):
         self._check_writable()
         ino = self._inode(inode)

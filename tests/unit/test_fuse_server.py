@@ -45,7 +45,7 @@ def test_init_negotiates_large_requests(share):
     r = c.init()
     major, minor, readahead, flags, maxbg, cong, max_write, gran, max_pages, _, flags2 = \
         abi.INIT_OUT.unpack(r.body)
-    assert (major, minor) == (7, 38)
+    assert (major, minor) == (7, abi.KERNEL_MINOR_VERSION) == (7, 41)
     assert max_write == 1 << 20 and max_pages == 256
     assert flags & abi.MAX_PAGES and flags & abi.INIT_EXT
     assert not flags & abi.WRITEBACK_CACHE  # not asked for
@@ -224,3 +224,70 @@ def test_fsync_fdatasync_and_syncfs_reach_the_host_file(client, share, monkeypat
     assert client.call(Opcode.FSYNC, nodeid, struct.pack("<QII", fh, 1, 0)).error == 0
     assert client.call(Opcode.SYNCFS, 1, bytes(8)).error == 0
     assert calls == [("fsync", ino), ("fdatasync", ino), ("syncfs", 0)]
+
+
+def _statx(c, nodeid, fh=None):
+    body = abi.STATX_IN.pack(abi.GETATTR_FH if fh is not None else 0, 0, fh or 0, 0,
+                             abi.STATX_BASIC_STATS | abi.STATX_BTIME)
+    return c.call(Opcode.STATX, nodeid, body)
+
+
+def test_statx_gives_what_getattr_gives_plus_the_birth_time(client, share):
+    """A Linux >= 6.6 guest asks STATX when a caller wants the birth time (coreutils stat)."""
+    from pyvirtiofs import linux
+    (share / "f").write_bytes(b"x" * 12345)
+    os.chmod(share / "f", 0o640)
+    os.utime(share / "f", ns=(1_111_111_111_222_333_444, 1_500_000_000_987_654_321))
+    nodeid, _ = lookup(client, b"f")
+    r = _statx(client, nodeid)
+    assert r.error == 0, r.errno
+    attr_valid, attr_valid_nsec, flags = abi.STATX_OUT_HEAD.unpack_from(r.body)
+    (mask, blksize, attributes, nlink, uid, gid, mode, ino, size, blocks, _amask, at, atn, bt, btn,
+     ct, ctn, mt, mtn, rmaj, rmin, _dmaj, _dmin) = abi.STATX.unpack_from(r.body, abi.STATX_OUT_HEAD.size)
+    st = os.stat(share / "f")
+    host = linux.statx(os.open(share / "f", os.O_PATH))
+    assert host.st_birthtime_ns is not None, "the test's host file system has no birth time"
+    assert mask == abi.STATX_BASIC_STATS | abi.STATX_BTIME
+    assert (mode, nlink, uid, gid, ino, size, blocks) == (
+        st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_ino, 12345, st.st_blocks)
+    assert at * 10**9 + atn == 1_111_111_111_222_333_444
+    assert mt * 10**9 + mtn == 1_500_000_000_987_654_321
+    assert ct * 10**9 + ctn == st.st_ctime_ns
+    assert bt * 10**9 + btn == host.st_birthtime_ns
+    assert (attr_valid, attr_valid_nsec) == (1, 0)  # cache=auto: 1 s, as GETATTR
+    # Through an open file (GETATTR_FH) the same file answers.
+    fh = struct.unpack_from("<Q", client.call(Opcode.OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0)).body)[0]
+    r2 = _statx(client, nodeid, fh)
+    assert r2.error == 0 and abi.STATX.unpack_from(r2.body, 32)[7] == ino
+
+
+def test_statx_of_a_device_node_and_a_pre_1970_file(client, share):
+    os.mknod(share / "null", 0o600 | 0o020000, os.makedev(1, 3))
+    (share / "old").write_bytes(b"")
+    os.utime(share / "old", ns=(-86400 * 10**9 + 5, -1))  # 1969
+    r = _statx(client, lookup(client, b"null")[0])
+    f = abi.STATX.unpack_from(r.body, 32)
+    assert (f[19], f[20]) == (1, 3)  # rdev major, minor
+    f = abi.STATX.unpack_from(_statx(client, lookup(client, b"old")[0]).body, 32)
+    assert f[11] * 10**9 + f[12] == -86400 * 10**9 + 5
+    assert f[17] * 10**9 + f[18] == -1
+
+
+def test_statx_errors(client, share):
+    assert _statx(client, 987654).errno == errno.EBADF  # unknown node id
+    assert client.call(Opcode.STATX, 1, bytes(8)).errno == errno.EINVAL  # short request
+    c = DirectClient(FuseServer(FileSystem()))  # a file system without statx: the guest
+    c.init(flags2=0x1FF)                         # falls back to GETATTR
+    assert _statx(c, 1).errno == errno.ENOSYS
+
+
+def test_a_6_12_guest_gets_7_41_and_only_the_flags_we_serve(share):
+    """What Linux 6.12 offers (seen in a real guest): INIT 7.41, flags 0x1ff7bfffffb."""
+    c = DirectClient(FuseServer(PassthroughFs(str(share))))
+    r = c.call(Opcode.INIT, 0, struct.pack("<IIII", 7, 41, 128 << 10, 0x7BFFFFFB)
+               + struct.pack("<I", 0x1FF) + bytes(44))
+    major, minor, _, flags, *_rest, flags2 = abi.INIT_OUT.unpack(r.body)
+    assert (major, minor) == (7, 41)
+    # None of 7.39-7.41's INIT flags unless asked (HAS_RESEND, PASSTHROUGH, NO_EXPORT_SUPPORT,
+    # ALLOW_IDMAP never; DIRECT_IO_ALLOW_MMAP only with --allow-mmap).
+    assert flags2 & (0x1F0) == 0, hex(flags2)

@@ -9,7 +9,14 @@ import enum
 import struct
 
 KERNEL_VERSION = 7
-KERNEL_MINOR_VERSION = 38  # what we reply; Linux 6.1 sends 7.38
+# What we reply; Linux 6.1 sends 7.38, Linux 6.12 sends 7.41.  Of what 7.39-7.41 added, we
+# serve STATX (7.39), send max_stack_depth 0 and backing_id 0 (7.40: no FUSE_PASSTHROUGH, which
+# needs host fds the guest cannot reach), and leave the new INIT flags off unless asked:
+# DIRECT_IO_ALLOW_MMAP is --allow-mmap; HAS_RESEND needs a notification queue, which Linux's
+# virtio-fs driver never sets up; NO_EXPORT_SUPPORT would only take NFS export away from the
+# guest; ALLOW_IDMAP makes Linux send uid/gid -1 on non-creating requests and map creators'
+# ids through the guest's idmapped mounts, which --translate-uid/--uid-map do not expect.
+KERNEL_MINOR_VERSION = 41
 MIN_MINOR_VERSION = 27     # oldest guest protocol we serve (as virtiofsd)
 ROOT_ID = 1
 
@@ -172,10 +179,18 @@ VERSION_OUT = struct.Struct("<QQ")               # slot version (PYVFS_VERSION_T
 SETUPMAPPING_IN = struct.Struct("<QQQQQ")       # fh foffset len flags moffset
 REMOVEMAPPING_IN = struct.Struct("<I")           # count, then count of:
 REMOVEMAPPING_ONE = struct.Struct("<QQ")         # moffset len
+STATX_IN = struct.Struct("<IIQII")               # getattr_flags reserved fh sx_flags sx_mask
+STATX_OUT_HEAD = struct.Struct("<QII16x")        # attr_valid attr_valid_nsec flags spare[2]
+# fuse_statx: mask blksize attributes nlink uid gid mode spare ino size blocks attributes_mask,
+# atime btime ctime mtime (sec, nsec, reserved), rdev_major rdev_minor dev_major dev_minor, spare
+STATX = struct.Struct("<IIQIIIHxxQQQQ" + "qIxxxx" * 4 + "IIII112x")
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert ENTRY_OUT_HEAD.size + ATTR.size == 128 and ATTR_OUT_HEAD.size + ATTR.size == 104
 assert INIT_OUT.size == 64 and SETATTR_IN.size == 88 and READ_IN.size == 40
+assert STATX_IN.size == 24 and STATX_OUT_HEAD.size + STATX.size == 288
 assert KSTATFS.size == 80 and LK_IN.size == 48 and COPY_FILE_RANGE_IN.size == 56
 
 ENTRY_OUT_SIZE = 128
