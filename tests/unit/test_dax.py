@@ -462,3 +462,43 @@ def test_cli_refuses_bad_dax_options(tmp_path, args, message):
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr
     assert not sock.exists()
+
+
+def test_concurrent_mappings_on_four_queues(start_daemon):
+    """Four request queues send overlapping SETUPMAPPINGs and REMOVEMAPPINGs at once: every
+    request succeeds and every SHMEM request the daemon sends obeys the frontend's rules (its
+    table never disagrees with the frontend's); at the end the whole window is removed."""
+    dx = Dax(start_daemon, window="1M", num_request_queues=4)
+    files = [dx.file(f"f{i}", pattern(64 * PAGE, 20 + i)) for i in range(4)]
+    rnd = random.Random(30)
+    pending = []
+    for k in range(400):
+        q = 1 + k % 4
+        moffset = rnd.randrange(256) * PAGE
+        length = rnd.randrange(1, min(16, 256 - moffset // PAGE) + 1) * PAGE
+        if k % 5 == 4:
+            body = F.REMOVEMAPPING_IN.pack(1) + F.REMOVEMAPPING_ONE.pack(moffset, length)
+            u = dx.c.submit(Op.REMOVEMAPPING, FUSE_ROOT_ID, [body], [], queue=q, kick=False)
+        else:
+            e = files[rnd.randrange(4)]
+            foffset = rnd.randrange(64 - length // PAGE + 1) * PAGE
+            body = F.SETUPMAPPING_IN.pack(NO_FH, foffset, length, R | (W * (k & 1)), moffset)
+            u = dx.c.submit(Op.SETUPMAPPING, e.nodeid, [body], [], queue=q, kick=False)
+        pending.append(u)
+        if len(pending) % 32 == 0:
+            dx.c.kick_all()
+            for u in pending:
+                assert dx.c.wait(u).error == 0
+            pending = []
+    dx.c.kick_all()
+    for u in pending:
+        assert dx.c.wait(u).error == 0
+    assert [x for x in dx.fe.shmem_log if not x.accepted] == []
+    maps = dx.maps()
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(maps, maps[1:]))   # no overlaps
+    # every mapped byte is the right byte of the right file
+    by_ino = {dx.ino(f"f{i}"): (dx.shared / f"f{i}").read_bytes() for i in range(4)}
+    for off, ln, foff, _w, ino in maps:
+        assert dx.win.read(off, ln) == by_ino[ino][foff:foff + ln]
+    dx.remove((0, MiB))
+    assert dx.maps() == []
