@@ -116,6 +116,19 @@ def _inherited_listener(fd: int) -> socket.socket:
     return s
 
 
+def _check_shared_dir(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise StartupError(f"--shared-dir {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"--shared-dir {path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK, effective_ids=True):
+        # An O_PATH open would still succeed, and every guest request would then fail.
+        raise StartupError(f"--shared-dir {path}: Permission denied (cannot read and "
+                           "search it)")
+
+
 class StartupError(Exception):
     """The environment does not allow what the command line asks (exit status 1)."""
 
@@ -156,19 +169,13 @@ def _run(config: Config) -> int:
     if not ORDERING_IS_SAFE:
         log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
         return 1
-    if config.sandbox is None:
-        config.sandbox = "namespace" if os.geteuid() == 0 else "none"
     try:
         keep_caps = sandbox.parse_modcaps(config.modcaps)
         if config.rlimit_nofile != 0:  # 0: leave the limit as it is (virtiofsd)
             sandbox.set_rlimit_nofile(config.rlimit_nofile)
     except sandbox.SandboxError as e:
         raise StartupError(str(e)) from None
-    if os.path.isdir(config.shared_dir) and not os.access(
-            config.shared_dir, os.R_OK | os.X_OK, effective_ids=True):
-        # An O_PATH open would still succeed, and every guest request would then fail.
-        raise StartupError(f"cannot share {config.shared_dir!r}: Permission denied (cannot "
-                           "read and search it)")
+    _check_shared_dir(config.shared_dir)
     table = None
     if config.version_table:
         try:
@@ -225,6 +232,8 @@ def _run(config: Config) -> int:
         cleanup.append((dfd, os.path.basename(pid_path)))
     try:
         if config.sandbox == "namespace":
+            if os.geteuid() != 0:  # rootless: the namespaces need a user namespace first
+                sandbox.enter_user_namespace()
             child = sandbox.fork_into_pid_namespace()
             if child:
                 listener.close()

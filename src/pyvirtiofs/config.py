@@ -199,7 +199,7 @@ class Config:
     dax_window: int = 0                  # bytes of shared memory region 0; 0: no window
     dax: str | None = None               # never | always | inode: files with FUSE_ATTR_DAX
     # confinement and resources
-    sandbox: str | None = None           # namespace | chroot | none; None: by privilege
+    sandbox: str = "namespace"           # namespace | chroot | none
     seccomp: str = "none"                # differs: virtiofsd's default is kill
     modcaps: str | None = None           # '+a:-b' or '+a,-b'
     rlimit_nofile: int | None = None     # None: raise to the hard limit; 0: leave alone

@@ -2,7 +2,9 @@
 
 * ``chroot``: chroot(2) into the shared directory.  The daemon reaches files only through the
   root fd and the /proc/self/fd directory fd it opened before, so nothing else is needed.
-* ``namespace``: a new PID namespace (the daemon forks: a small supervisor keeps the pid file's
+* ``namespace``: run as an ordinary user, first a new user namespace (the user's own uid and
+  gid mapped to themselves, as rootless podman runs virtiofsd: files are created as that
+  user, no capability is needed outside); then a new PID namespace (the daemon forks: a small supervisor keeps the pid file's
   pid and forwards signals, the child serving the guest sees no other process), then new mount,
   network, IPC and UTS namespaces and pivot_root(2) into the shared directory with the old
   root detached, so not even a bug of ours can name a host path outside the share; no network
@@ -60,12 +62,32 @@ def _mount(src, target, fstype, flags, what):
     check(libc.mount(src, target, fstype, ctypes.c_ulong(flags), None), what)
 
 
+CLONE_NEWUSER = 0x10000000
+_in_user_namespace = False
+
+
+def enter_user_namespace() -> None:
+    """For an ordinary user: a new user namespace in which the process holds the
+    capabilities the namespace sandbox needs (mount, pivot_root, a PID namespace), over
+    nothing but what the user owns.  Its uid and gid are mapped to themselves, so files keep
+    being created as the user.  Call while single-threaded."""
+    global _in_user_namespace
+    uid, gid = os.geteuid(), os.getegid()
+    check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:  # setgroups first: gid_map needs it
+            f.write(text)
+    _in_user_namespace = True
+    log.info("sandbox: user namespace, uid %d and gid %d mapped to themselves", uid, gid)
+
+
 def enter(mode: str, shared_dir: str) -> None:
     """Confine the calling process (call before any worker thread starts)."""
     if mode == "none":
         return
-    if os.geteuid() != 0:
-        raise SandboxError(f"--sandbox={mode} needs root (use --sandbox=none)")
+    if os.geteuid() != 0 and not (mode == "namespace" and _in_user_namespace):
+        raise SandboxError(f"--sandbox={mode} needs root (use --sandbox=namespace or none)")
     shared = os.path.realpath(shared_dir).encode()
     if mode == "chroot":
         os.chroot(shared)
@@ -124,7 +146,7 @@ class _CapData(ctypes.Structure):
 def drop_capabilities(keep: set[str]) -> None:
     """Keep only ``keep`` in the effective and permitted sets (process-wide: call before
     threads start, as capset only affects the calling thread)."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not _in_user_namespace:
         return
     mask = 0
     for name in keep:
