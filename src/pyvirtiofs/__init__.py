@@ -14,6 +14,7 @@ from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entr
 from .inodes import HandleTable, InodeTable
 from .pathfs import PathAdapter, PathFileSystem
 from .serving import Server, SocketInUse, listen, serve
+from .hostmount import Mount, mount
 
 __all__ = [
     "__version__",
@@ -24,4 +25,6 @@ __all__ = [
     "InodeTable", "HandleTable", "PathFileSystem", "PathAdapter",
     # serving to a VM
     "serve", "Server", "listen", "SocketInUse",
+    # mounting on the host (/dev/fuse)
+    "mount", "Mount",
 ]

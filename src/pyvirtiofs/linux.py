@@ -178,3 +178,16 @@ def statx(fd: int, mask: int = STATX_BASIC_STATS | STATX_BTIME) -> Statx:
     buf = ctypes.create_string_buffer(256)
     check(_statx(fd, b"", AT_EMPTY_PATH, mask, buf), "statx")
     return Statx(buf.raw)
+
+
+MS_NOSUID = 2
+MNT_DETACH = 2
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    check(libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype),
+                     ctypes.c_ulong(flags), os.fsencode(data)), f"mount {target}")
+
+
+def umount2(target: str, flags: int) -> None:
+    check(libc.umount2(os.fsencode(target), flags), f"umount {target}")

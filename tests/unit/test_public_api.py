@@ -37,7 +37,7 @@ def sock(tmp_path):
 def test_public_names_are_exported():
     for name in pyvirtiofs.__all__:
         assert hasattr(pyvirtiofs, name), name
-    for name in ("FileSystem", "PathFileSystem", "InodeTable", "serve", "Server",
+    for name in ("FileSystem", "PathFileSystem", "InodeTable", "serve", "Server", "mount", "mount", "Mount",
                  "FsError", "Attr", "Entry", "DirEntry", "StatFs", "Context", "FileType"):
         assert name in pyvirtiofs.__all__, name
     assert (Path(pyvirtiofs.__file__).parent / "py.typed").exists()
@@ -251,7 +251,7 @@ def test_mypy_is_clean_on_the_public_api():
     from mypy import api as mypy  # pinned in requirements-test.txt
     src = Path(pyvirtiofs.__file__).parent
     files = [str(src / f) for f in ("__init__.py", "filesystem.py", "inodes.py", "pathfs.py",
-                                     "serving.py", "aio.py")]
+                                     "serving.py", "aio.py", "hostmount.py")]
     out, err, status = mypy.run(["--strict", "--follow-imports=silent",
                                  "--no-error-summary", "--cache-dir=/dev/null",
                                  "--python-version", "3.11", *files])

@@ -1,0 +1,109 @@
+"""The /dev/fuse transport: a file system mounted on this host by the same FUSE server that
+serves VMs (needs root and /dev/fuse; fails, never skips, without them)."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import pyvirtiofs
+from pyvirtiofs.passthrough import PassthroughFs
+from pyvirtiofs.testing import conformance, conformance_runner
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def need_fuse():
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("host mounts need root and /dev/fuse", pytrace=False)
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def mounted(path) -> bool:
+    return any(line.split()[4] == str(path) for line in open("/proc/self/mountinfo"))
+
+
+def test_path_example_mounted_on_the_host(tmp_path):
+    fs = load_example("path_fs").DictFs()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pyvirtiofs.Mount(fs, mnt) as m:
+        assert mounted(mnt)
+        assert os.listdir(mnt) == ["README"]
+        (mnt / "d").mkdir()
+        data = os.urandom(3 << 20)  # several requests of the largest size
+        (mnt / "d" / "f").write_bytes(data)
+        os.rename(mnt / "d", mnt / "e")
+        assert (mnt / "e" / "f").read_bytes() == data
+        assert bytes(fs.files["/e/f"]) == data
+        with pytest.raises(OSError) as ei:
+            os.rmdir(mnt / "e")
+        assert ei.value.errno == errno.ENOTEMPTY
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "nope")
+    assert not m.mounted and not mounted(mnt)
+    assert os.listdir(mnt) == []
+
+
+def test_mount_returns_when_unmounted_from_outside(tmp_path):
+    fs = load_example("hello_fs").Hello()
+    done = threading.Event()
+
+    def run():
+        pyvirtiofs.mount(fs, tmp_path)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    for _ in range(500):
+        if mounted(tmp_path):
+            break
+        done.wait(0.01)
+    assert (tmp_path / "hello").read_text() == "hello from Python\n"
+    assert not done.is_set()
+    subprocess.run(["umount", str(tmp_path)], check=True)
+    assert done.wait(10), "mount() did not return after umount"
+
+
+def test_mount_refuses_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(NotADirectoryError):
+        pyvirtiofs.Mount(pyvirtiofs.FileSystem(), f)
+
+
+def test_conformance_cases_on_a_host_mount_match_the_host(tmp_path):
+    """PassthroughFs mounted through /dev/fuse behaves as the directory behind it does
+    natively, in every fast conformance case (but the documented known differences)."""
+    os.chmod(tmp_path, 0o755)  # cases run parts as uid 1000
+    native, shared, mnt = (tmp_path / n for n in ("native", "shared", "mnt"))
+    for d in (native, shared, mnt):
+        d.mkdir()
+
+    def run(root):
+        out = subprocess.run([sys.executable, conformance.__file__, "--root", str(root),
+                              "--fast"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    expected = run(native)
+    with pyvirtiofs.Mount(PassthroughFs(str(shared)), mnt):
+        got = run(mnt)
+    assert len(expected) >= 35
+    differ = [f"{k}: mount {got.get(k)} host {v}" for k, v in expected.items()
+              if got.get(k) != v and k not in conformance_runner.KNOWN_DIFFERENCES]
+    assert not differ, "\n".join(differ)
