@@ -511,11 +511,17 @@ class PassthroughFs(FileSystem):
         return self._entry(q, new_name)
 
     # -- files ----------------------------------------------------------------------------
-    def _open_result(self, fh: int, is_dir: bool = False) -> OpenResult:
+    def _open_result(self, fh: int, is_dir: bool = False, flags: int = 0) -> OpenResult:
         c = self.cache
         if is_dir:
             return OpenResult(fh, cache_dir=c.keep_cache)
-        return OpenResult(fh, direct_io=c.direct_io, keep_cache=c.keep_cache)
+        # O_APPEND bypasses the guest page cache: through it Linux (fuse_fill_write_pages)
+        # sends a write that crosses into a page it has not cached as two WRITEs, and the
+        # host's O_APPEND puts each at the end of the file as it is then, so another
+        # writer's data (another VM, a host process) can land between the halves.  Direct
+        # I/O sends each write(2) as one WRITE.
+        direct = c.direct_io or bool(flags & os.O_APPEND)
+        return OpenResult(fh, direct_io=direct, keep_cache=c.keep_cache and not direct)
 
     def _open_flags(self, flags: int, keep: int = 0) -> int:
         """The guest's open flags as the host open gets them."""
@@ -540,7 +546,7 @@ class PassthroughFs(FileSystem):
         fd = self._reopen(ino, self._open_flags(flags))
         if flags & os.O_TRUNC and self.version_table is not None:
             self._bump(ino.key)
-        return self._open_result(self._new_handle(fd, inode))
+        return self._open_result(self._new_handle(fd, inode), flags=flags)
 
     def create(self, parent, name, mode, flags, ctx):
         self._check_writable()
@@ -556,7 +562,7 @@ class PassthroughFs(FileSystem):
             raise
         if self.version_table is not None:
             self._bump(p.key, (entry.attr.st_dev, entry.attr.st_ino))
-        return entry, self._open_result(self._new_handle(fd, entry.inode))
+        return entry, self._open_result(self._new_handle(fd, entry.inode), flags=flags)
 
     def tmpfile(self, parent, mode, flags, ctx):
         self._check_writable()
@@ -574,7 +580,7 @@ class PassthroughFs(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._open_result(self._new_handle(fd, entry.inode))
+        return entry, self._open_result(self._new_handle(fd, entry.inode), flags=flags)
 
     def read_into(self, inode, fh, offset, buffers):
         return os.preadv(self._handle(fh).fd, buffers, offset)
