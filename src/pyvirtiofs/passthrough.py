@@ -519,8 +519,9 @@ class PassthroughFs(FileSystem):
         # sends a write that crosses into a page it has not cached as two WRITEs, and the
         # host's O_APPEND puts each at the end of the file as it is then, so another
         # writer's data (another VM, a host process) can land between the halves.  Direct
-        # I/O sends each write(2) as one WRITE.
-        direct = c.direct_io or bool(flags & os.O_APPEND)
+        # I/O sends each write(2) as one WRITE.  (With --writeback the guest positions
+        # appends itself from its cached size: sharing a file between VMs is unsafe then.)
+        direct = c.direct_io or bool(flags & os.O_APPEND and not self.writeback)
         return OpenResult(fh, direct_io=direct, keep_cache=c.keep_cache and not direct)
 
     def _open_flags(self, flags: int, keep: int = 0) -> int:
