@@ -502,3 +502,25 @@ def test_concurrent_mappings_on_four_queues(start_daemon):
         assert dx.win.read(off, ln) == by_ino[ino][foff:foff + ln]
     dx.remove((0, MiB))
     assert dx.maps() == []
+
+
+def test_readonly_daemon_refuses_write_mappings(start_daemon):
+    dx = Dax(start_daemon, extra=("--readonly",))
+    e = dx.file("f", pattern(2 * PAGE, 40))
+    assert dx.errno_of(dx.setup, e.nodeid, 0, PAGE, 0, R | W) == errno.EROFS
+    dx.setup(e.nodeid, 0, 2 * PAGE, 0, R)
+    assert dx.maps() == [(0, 2 * PAGE, 0, False, dx.ino("f"))]
+    with pytest.raises(FrontendError):
+        dx.win.write(0, b"x")
+
+
+def test_split_of_a_forgotten_files_mapping(dax):
+    """A guest that forgets an inode while its range is still mapped (Linux removes the
+    mapping first): a later partial overlap cannot map the rest back (the daemon holds no fd
+    and the inode is gone), so those pieces are dropped and logged; the new mapping is made."""
+    ea, eb = dax.file("a", pattern(8 * PAGE, 41)), dax.file("b", pattern(8 * PAGE, 42))
+    dax.setup(ea.nodeid, 0, 8 * PAGE, 0)
+    dax.c.forget(ea.nodeid, 1)                        # waits until the daemon served it
+    dax.setup(eb.nodeid, 0, 2 * PAGE, 2 * PAGE)
+    assert dax.maps() == [(2 * PAGE, 2 * PAGE, 0, False, dax.ino("b"))]
+    dax.d.wait_log("cannot map back")
