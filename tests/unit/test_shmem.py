@@ -287,3 +287,23 @@ def test_reset_drops_every_mapping(rigs, datafile):
     # and the same range can be mapped again
     r.shm.map(0, fd, 0, 0, PAGE)
     assert r.fe.shmem_regions[0].read(0, 2) == b"\0\1"
+
+
+def test_backend_channel_must_be_a_unix_stream_socket(rigs, datafile):
+    """SET_BACKEND_REQ_FD with an eventfd or a datagram socket is refused (REPLY_ACK failure);
+    the channel already in place keeps working."""
+    from pyvirtiofs.testing.frontend import Req, VhostUserError
+    _, fd = datafile
+    r = rigs()
+    efd = os.eventfd(0)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for bad in (efd, b.fileno()):
+            with pytest.raises(VhostUserError):
+                r.fe.call(Req.SET_BACKEND_REQ_FD, b"", (bad,), need_reply=True)
+    finally:
+        os.close(efd)
+        a.close()
+        b.close()
+    r.shm.map(0, fd, 0, 0, PAGE)
+    assert len(r.fe.shmem_regions[0].mappings()) == 1
