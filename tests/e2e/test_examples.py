@@ -60,3 +60,33 @@ def test_path_example(guest_ready, short_tmp):
         """, short_tmp)
     assert out.split() == ["files", "live", "in", "a", "Python", "dict",
                            "one", "two", "a", "one", "two", "3", "1", "README"], out
+
+
+# The conformance cases (src/pyvirtiofs/testing/conformance.py) within the memory file
+# system's scope; the others need what it leaves out, on purpose, to stay short.
+MEMORY_FS_OUT_OF_SCOPE = {
+    "data_fallocate_and_seek": "no fallocate or SEEK_DATA/SEEK_HOLE",
+    "data_sparse_large": "no sparse files (a 5 GiB file would take 5 GiB of memory)",
+    "open_tmpfile": "no O_TMPFILE",
+    "rename2_flags": "no RENAME_WHITEOUT",
+    "xattr_user": "no extended attributes",
+    "xattr_trusted_security": "no extended attributes",
+}
+
+
+def memory_fs_cases() -> str:
+    from pyvirtiofs.testing import conformance
+    return ",".join(n for n in conformance.CASES
+                    if n not in conformance.SLOW and n not in MEMORY_FS_OUT_OF_SCOPE)
+
+
+def test_memory_example_passes_the_conformance_cases_in_its_scope(guest_ready):
+    from pyvirtiofs.testing import conformance_runner
+    report = conformance_runner.run(
+        "memory_fs", only=memory_fs_cases(), env=daemon_env(),
+        daemon_argv=lambda sock: [sys.executable, str(EXAMPLES / "memory_fs.py"), sock])
+    assert len(report.results) >= 30
+    # as for pyvirtiofsd: equal to tmpfs, or to the host where tmpfs is the odd one (O_DIRECT)
+    bad = [report.describe(r) for r in report.failures]
+    assert not bad, "the memory file system differs from tmpfs:\n" + "\n".join(bad)
+    assert sum(r.verdict == "same" for r in report.results) >= len(report.results) - 2

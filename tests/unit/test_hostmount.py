@@ -7,6 +7,8 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import subprocess
 import sys
 import threading
@@ -86,11 +88,20 @@ def test_mount_refuses_a_file(tmp_path):
         pyvirtiofs.Mount(pyvirtiofs.FileSystem(), f)
 
 
-def test_conformance_cases_on_a_host_mount_match_the_host(tmp_path):
+@pytest.fixture
+def open_tmp():
+    """A directory every user can reach (cases run parts as uid 1000; pytest's tmp_path is
+    inside a directory only root may enter)."""
+    d = Path(tempfile.mkdtemp(prefix="pyvfs-mount-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_conformance_cases_on_a_host_mount_match_the_host(open_tmp):
     """PassthroughFs mounted through /dev/fuse behaves as the directory behind it does
     natively, in every fast conformance case (but the documented known differences)."""
-    os.chmod(tmp_path, 0o755)  # cases run parts as uid 1000
-    native, shared, mnt = (tmp_path / n for n in ("native", "shared", "mnt"))
+    native, shared, mnt = (open_tmp / n for n in ("native", "shared", "mnt"))
     for d in (native, shared, mnt):
         d.mkdir()
 
@@ -106,4 +117,30 @@ def test_conformance_cases_on_a_host_mount_match_the_host(tmp_path):
     assert len(expected) >= 35
     differ = [f"{k}: mount {got.get(k)} host {v}" for k, v in expected.items()
               if got.get(k) != v and k not in conformance_runner.KNOWN_DIFFERENCES]
+    assert not differ, "\n".join(differ)
+
+
+def test_memory_example_on_a_host_mount_matches_tmpfs(open_tmp):
+    """examples/memory_fs.py against /dev/shm (tmpfs) on this host, in the conformance cases
+    within its scope (tests/e2e/test_examples.py runs the same in a guest)."""
+    from tests.e2e.test_examples import memory_fs_cases
+    ref = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        os.chmod(ref, 0o755)
+        cases = memory_fs_cases()
+
+        def run(root):
+            out = subprocess.run([sys.executable, conformance.__file__, "--root", str(root),
+                                  "--only", cases], capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        expected = run(ref)
+        with pyvirtiofs.Mount(load_example("memory_fs").MemoryFs(), open_tmp):
+            got = run(open_tmp)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+    assert len(expected) >= 30
+    differ = [f"{k}: mount {got.get(k)} tmpfs {v}" for k, v in expected.items()
+              if got.get(k) != v]
     assert not differ, "\n".join(differ)

@@ -89,7 +89,10 @@ def _extract(output: str, tag: str) -> dict:
 
 
 def run(daemon: str = "pyvirtiofsd", *, fast: bool = True, cache: str = "auto",
-        only: str = "", workdir: str | None = None, env: dict | None = None) -> Report:
+        only: str = "", workdir: str | None = None, env: dict | None = None,
+        daemon_argv=None) -> Report:
+    """``daemon_argv(socket_path)``: the command of a daemon that serves its own file system
+    (a library example) instead of sharing a directory."""
     with tempfile.TemporaryDirectory(prefix="pyvfs-conf-", dir=workdir) as tmp:
         shared = os.path.join(tmp, "share")
         hostref = os.path.join(tmp, "hostref")
@@ -103,7 +106,8 @@ def run(daemon: str = "pyvirtiofsd", *, fast: bool = True, cache: str = "auto",
             [sys.executable, str(CASES_FILE), "--root", hostref, *args],
             check=True, capture_output=True, text=True).stdout)
         sock = os.path.join(tmp, "vfs.sock")
-        argv = default_daemon_argv(daemon, sock, shared, cache)
+        argv = (daemon_argv(sock) if daemon_argv is not None
+                else default_daemon_argv(daemon, sock, shared, cache))
         cases = " ".join(args)
         py = guestvm.guest_python()
         script = (
