@@ -90,3 +90,36 @@ def test_memory_example_passes_the_conformance_cases_in_its_scope(guest_ready):
     bad = [report.describe(r) for r in report.failures]
     assert not bad, "the memory file system differs from tmpfs:\n" + "\n".join(bad)
     assert sum(r.verdict == "same" for r in report.results) >= len(report.results) - 2
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archive_example(guest_ready, short_tmp, tmp_path, kind):
+    import hashlib
+    import os
+    import tarfile
+    import zipfile
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    blob = os.urandom(300_000)
+    (src / "sub" / "deep" / "b.bin").write_bytes(blob)
+    (src / "a.txt").chmod(0o640)
+    archive = tmp_path / f"t.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as z:
+            z.write(src / "a.txt", "top/a.txt")
+            z.write(src / "sub" / "deep" / "b.bin", "top/sub/deep/b.bin")
+    else:
+        os.symlink("a.txt", src / "link")
+        with tarfile.open(archive, "w:gz") as t:
+            t.add(src, "top")
+    out = serve_example("archive_fs", """
+        find . | sort
+        cat top/a.txt; stat -c %a top/a.txt
+        md5sum top/sub/deep/b.bin | cut -d' ' -f1
+        echo x 2>&1 > top/a.txt | grep -c Read-only
+        """, short_tmp, str(archive))
+    want = [".", "./top", "./top/a.txt"] + (["./top/link"] if kind != "zip" else []) + [
+        "./top/sub", "./top/sub/deep", "./top/sub/deep/b.bin",
+        "alpha", "640", hashlib.md5(blob).hexdigest(), "1"]
+    assert out.split() == want, out
