@@ -10,6 +10,9 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx cpio || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v zstd >/dev/null || need+=(zstd)   # the Linux 6.12 guest kernel is zstd-compressed
+# virtme-ng (a real client, tests/e2e/test_virtme_ng.py) needs depmod and udevadm
+[ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || need+=(kmod)
+[ -x /usr/bin/udevadm ] || [ -x /bin/udevadm ] || need+=(udev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: need root to install ${need[*]} (apt-get)" >&2; exit 1

@@ -6,6 +6,7 @@ on the socket, serves one frontend connection and exits when it disconnects.
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import logging.handlers
@@ -41,6 +42,13 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
         try:
             handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
             handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
+            if handler.socket is None or handler.socket.fileno() < 0:
+                # Python >= 3.11 swallows the failed connect here and then prints a
+                # traceback for every message: treat it as the failure it is.
+                handler.close()
+                handler = None
+                err = errno.ENOENT if not os.path.exists(SYSLOG_SOCKET) else errno.ECONNREFUSED
+                raise OSError(err, os.strerror(err))
         except OSError as e:  # no syslog daemon (a container): keep the messages
             syslog_error = e
     if handler is None:

@@ -235,3 +235,26 @@ def test_sandbox_that_needs_root_as_an_ordinary_user(place):
              "--sandbox=chroot"], as_nobody=True)
     assert_one_line_error(r, 1, "chroot")
     assert not (place / "share" / "s").exists()
+
+
+def test_syslog_without_a_syslog_daemon_logs_to_stderr_once(tmp_path, monkeypatch, capfd):
+    """virtme-ng passes --syslog; in a container there is no /dev/log.  The daemon says so once
+    and keeps logging to stderr, instead of a traceback for every message."""
+    import logging
+
+    from pyvirtiofs import cli
+    monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(tmp_path / "no-syslog-here"))
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli._setup_logging("info", True)
+        logging.getLogger("pyvirtiofs.test").info("a message after the fallback")
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capfd.readouterr().err
+    assert "--syslog: cannot reach" in err and "No such file or directory" in err, err
+    assert "a message after the fallback" in err, err
+    assert "Traceback" not in err and "Logging error" not in err, err
