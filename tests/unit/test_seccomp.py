@@ -43,3 +43,25 @@ def test_program_shape():
     for i, (code, jt, jf, k) in enumerate(insns[4:7]):
         assert insns[4 + i + 1 + jt][3] == seccomp.RET_ALLOW
     assert insns[-2][3] == seccomp.RET_KILL_PROCESS
+
+
+def test_log_mode_lets_a_call_off_the_list_through(tmp_path):
+    # --seccomp=log: the kernel logs the call and lets it run (getpgid is off the list)
+    assert "getpgid" not in seccomp.ALLOWED
+    assert os.waitstatus_to_exitcode(run_filtered("log", lambda: os.getpgid(0))) == 0
+    status = run_filtered("kill", lambda: os.getpgid(0))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+def test_trap_mode_raises_sigsys_the_process_can_catch(tmp_path):
+    # --seccomp=trap: SIGSYS instead of the call; a handler sees it and the process lives on
+    def call_and_catch():
+        caught = []
+        signal.signal(signal.SIGSYS, lambda *a: caught.append(1))
+        try:
+            os.getpgid(0)
+        except OSError:
+            pass  # the call did not run
+        if not caught:
+            os._exit(4)
+    assert os.waitstatus_to_exitcode(run_filtered("trap", call_and_catch)) == 0
