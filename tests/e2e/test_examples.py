@@ -4,6 +4,8 @@ leaves, without a traceback."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -123,3 +125,30 @@ def test_archive_example(guest_ready, short_tmp, tmp_path, kind):
         "./top/sub", "./top/sub/deep", "./top/sub/deep/b.bin",
         "alpha", "640", hashlib.md5(blob).hexdigest(), "1"]
     assert out.split() == want, out
+
+
+def test_overlay_example(guest_ready, short_tmp, tmp_path):
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "dir" / "sub").mkdir(parents=True)
+    upper.mkdir()
+    (lower / "a").write_text("lower a\n")
+    (lower / "a").chmod(0o640)
+    (lower / "dir" / "b").write_text("lower b\n")
+    (lower / "dir" / "sub" / "c").write_text("c\n")
+    before = {p: p.read_bytes() for p in lower.rglob("*") if p.is_file()}
+    out = serve_example("overlay_fs", """
+        cat a; echo more >> a; cat a; stat -c %a a
+        rm dir/b; ls dir; echo new > dir/new; ls dir
+        rm -r dir; ls; mkdir dir; ls dir | wc -l
+        mv a a2 && ls && cat a2
+        """, short_tmp, str(lower), str(upper))
+    assert out.split() == ["lower", "a", "lower", "a", "more", "640",
+                           "sub", "new", "sub",
+                           "a", "0",
+                           "a2", "dir", "lower", "a", "more"], out
+    # the lower directory is untouched; the upper one holds the changes and the whiteouts
+    assert {p: p.read_bytes() for p in lower.rglob("*") if p.is_file()} == before
+    assert (upper / "a2").read_text() == "lower a\nmore\n"
+    wh = os.lstat(upper / "a")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert sorted(os.listdir(upper / "dir")) == ["b", "sub"]  # whiteouts under the new dir
