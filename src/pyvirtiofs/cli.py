@@ -40,12 +40,6 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
     syslog_error = None
     if use_syslog:
         try:
-            # SysLogHandler itself would only complain (with a traceback) at the first message
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                probe.connect(SYSLOG_SOCKET)
-            finally:
-                probe.close()
             handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
             handler.setFormatter(logging.Formatter("pyvirtiofsd[%(process)d]: %(message)s"))
             if handler.socket is None or handler.socket.fileno() < 0:
