@@ -88,6 +88,10 @@ USAGE = [
     (["-o", "timeout=-1"], "timeout"),
     (["-o", "log_level=loud"], "log_level"),
     (["--tag=myfs"], "--tag: not implemented yet"),
+    (["--dax-window=banana"], "--dax-window"),
+    (["--dax-window=4097"], "--dax-window"),
+    (["--dax=sometimes"], "--dax"),
+    (["--version-table-slots=-4"], "--version-table-slots"),
 ]
 
 
@@ -124,6 +128,19 @@ def test_shared_dir_missing_or_not_a_directory(place):
         assert not (place / "s").exists()
     r = run([f"--socket-path={place / 's'}", "-o", f"source={place / 'nothere'}"])
     assert_one_line_error(r, 1, "nothere")
+
+
+def test_inode_file_handles_mandatory_where_there_are_none(place):
+    r = run(["--shared-dir=/proc/sys", f"--socket-path={place / 's'}",
+             "--inode-file-handles=mandatory"])
+    assert_one_line_error(r, 1, "file handles unsupported")
+    assert not (place / "s").exists()
+
+
+def test_version_table_in_a_missing_directory(place):
+    r = run([f"--shared-dir={place / 'share'}", f"--socket-path={place / 's'}",
+             f"--version-table={place / 'no' / 'table'}"])
+    assert_one_line_error(r, 1, "--version-table")
 
 
 def test_shared_dir_without_permission(place):
