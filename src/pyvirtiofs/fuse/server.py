@@ -20,6 +20,7 @@ from .. import dax as _dax
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
 from ..virtqueue import DescriptorChain, Reader, Writer
 from . import abi
+from .lock_wait import LockRequest, LockWaits, is_busy
 from .abi import Opcode
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ XATTR_SIZE_MAX = 65536
 MAX_NAME = 1024  # longer than any Linux name (255) or xattr name (255), bounded to stay cheap
 _NO_REPLY = -1
 DEFERRED = -2  # handle() result: the reply will come through the completion callback
-LOCK_RETRY_MAX = 0.05  # seconds between attempts of a waiting lock
 
 
 class ProtocolError(Exception):
@@ -49,59 +49,6 @@ class Request:
         self.ctx = ctx
         self.head = head
         self.complete = complete
-
-
-class _LockWaiter:
-    """A SETLKW that found the lock taken: retried off the request queue until it is granted,
-    fails, or is cancelled (INTERRUPT, the owner closing the file, the queue stopping)."""
-
-    def __init__(self, server, req: Request, w: Writer, args: tuple):
-        self.server, self.req, self.w, self.args = server, req, w, args
-        self.cancelled = threading.Event()
-        # Held while trying the lock, so that once cancel() returns no attempt is under way
-        # and none will follow: a cancelled wait can never take a lock afterwards.
-        self.attempt = threading.Lock()
-        self.owner = (req.nodeid, args[2])  # args: nodeid, fh, owner, ...
-
-    def cancel(self) -> None:
-        with self.attempt:
-            self.cancelled.set()
-
-    def run(self) -> None:
-        server, req = self.server, self.req
-        delay = 0.001
-        while True:
-            if self.cancelled.wait(delay):
-                n = server._error(self.w, req.unique, errno.EINTR)
-                break
-            try:
-                with self.attempt:
-                    if self.cancelled.is_set():
-                        continue
-                    server.fs.setlk(*self.args)
-            except BlockingIOError:
-                delay = min(delay * 2, LOCK_RETRY_MAX)
-                continue
-            except (FsError, OSError) as e:
-                if e.errno == errno.EAGAIN:
-                    delay = min(delay * 2, LOCK_RETRY_MAX)
-                    continue
-                n = server._error(self.w, req.unique, e.errno or errno.EIO)
-                break
-            except Exception:
-                log.exception("internal error in a waiting lock")
-                n = server._error(self.w, req.unique, errno.EIO)
-                break
-            n = server._finish(self.w, req.unique, 0)
-            break
-        with server._waiters_lock:
-            server._waiters.pop(req.unique, None)
-        nodeid, _fh, owner, *_rest, flock = self.args
-        try:
-            server.fs.end_lock_wait(nodeid, owner, flock)
-        except Exception:
-            log.exception("end_lock_wait failed")
-        req.complete(req.head, n)
 
 
 def _split_nul(data: bytes, count: int) -> list[bytes]:
@@ -225,9 +172,8 @@ class FuseServer:
         # path), summed by opcode_counts() and logged when the guest unmounts.
         self._counts_local = threading.local()
         self._all_counts: list[collections.Counter] = []
-        self._waiters: dict[int, _LockWaiter] = {}
+        self._lock_waits = LockWaits()
         self._trace = log.isEnabledFor(TRACE)  # decided once: the check costs per request
-        self._waiters_lock = threading.Lock()
         self._handlers = {}
         for op in Opcode:
             h = getattr(self, "_op_" + op.name.lower(), None)
@@ -484,21 +430,13 @@ class FuseServer:
 
     def _op_interrupt(self, req, r, w):
         (target,) = abi.INTERRUPT_IN.unpack(r.read(abi.INTERRUPT_IN.size))
-        with self._waiters_lock:
-            waiter = self._waiters.get(target)
-        if waiter is not None:
-            waiter.cancel()  # the waiting lock answers EINTR
+        self._lock_waits.interrupt(target)  # a waiting lock answers EINTR
         return _NO_REPLY  # only waiting locks can be interrupted; others finish soon anyway
 
     def cancel_pending(self, complete=None, owner=None) -> None:
         """Cancel waiting locks: those completing through ``complete`` (a queue stopping),
         those of one (nodeid, lock owner) (the owner closed the file), or all of them."""
-        with self._waiters_lock:
-            waiters = list(self._waiters.values())
-        for wt in waiters:
-            if ((complete is None or wt.req.complete == complete)
-                    and (owner is None or wt.owner == owner)):
-                wt.cancel()
+        self._lock_waits.cancel(complete, owner)
 
     def _op_getattr(self, req, r, w):
         flags, _, fh = _GETATTR_IN_UNPACK(r.read(16))
@@ -699,23 +637,23 @@ class FuseServer:
         fh, owner, start, end, type_, pid, lkflags, _ = abi.LK_IN.unpack(r.read(abi.LK_IN.size))
         if type_ not in (0, 1, 2):
             raise FsError(errno.EINVAL)
-        args = (req.nodeid, fh, owner, start, end, type_, pid, False, bool(lkflags & abi.LK_FLOCK))
+        lock = LockRequest(req.nodeid, fh, owner, start, end, type_, pid,
+                           bool(lkflags & abi.LK_FLOCK))
         try:
-            self.fs.setlk(*args)
+            lock.take(self.fs)
             return 0
-        except OSError as e:  # BlockingIOError included
-            if not wait or e.errno != errno.EAGAIN:
-                raise
-        except FsError as e:
-            if not wait or e.errno != errno.EAGAIN:
+        except (FsError, OSError) as e:  # BlockingIOError included
+            if not (wait and is_busy(e)):
                 raise
         if req.complete is None:
             raise FsError(errno.EAGAIN)  # no way to answer later: the caller retries
-        self.fs.begin_lock_wait(req.nodeid, owner, start, end, type_, bool(lkflags & abi.LK_FLOCK))
-        waiter = _LockWaiter(self, req, w, args)
-        with self._waiters_lock:
-            self._waiters[req.unique] = waiter
-        threading.Thread(target=waiter.run, name=f"lockwait-{req.unique}", daemon=True).start()
+        self.fs.begin_lock_wait(req.nodeid, owner, start, end, type_, lock.flock)
+
+        def answer(err: int) -> None:
+            n = self._error(w, req.unique, err) if err else self._finish(w, req.unique, 0)
+            req.complete(req.head, n)
+
+        self._lock_waits.start(self.fs, lock, req.unique, req.complete, answer)
         return DEFERRED
 
     def _op_setlk(self, req, r, w):
