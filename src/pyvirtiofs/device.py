@@ -9,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from . import aio
 from .dax import DaxWindow
 from .filesystem import FileSystem
-from .fuse.server import DEFERRED, FuseServer
+from .fuse.server import FuseServer
+from .vhost_user.device import DEFERRED, Device
 from .version_table import GuestMapping
 from .vhost_user.shmem import SharedMemory
 
 HIPRIO_QUEUE = 0
 
 
-class VirtioFsDevice:
+class VirtioFsDevice(Device):
     def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0,
                  shmem: SharedMemory | None = None, dax_policy: str = "always"):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its

@@ -22,9 +22,10 @@ from typing import Union
 
 from . import aio, linux
 from .filesystem import FileSystem
-from .fuse.server import DEFERRED, MAX_WRITE, FuseServer
+from .fuse.server import MAX_WRITE, FuseServer
 from .pathfs import PathFileSystem
 from .serving import as_filesystem
+from .vhost_user.device import DEFERRED
 from .virtqueue import DescriptorChain
 
 log = logging.getLogger(__name__)

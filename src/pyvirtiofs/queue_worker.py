@@ -13,7 +13,7 @@ import select
 import threading
 from typing import Callable
 
-from .fuse.server import DEFERRED
+from .vhost_user.device import DEFERRED
 from .virtqueue import ChainError, DescriptorChain, QueueBroken, Virtqueue
 
 log = logging.getLogger(__name__)

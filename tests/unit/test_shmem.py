@@ -21,13 +21,14 @@ from pyvirtiofs.testing.frontend import (
     BackendReq, FrontendError, ProtoFeature, VirtioFsFrontend,
 )
 from pyvirtiofs.vhost_user.backend import VhostUserBackend
+from pyvirtiofs.vhost_user.device import Device
 from pyvirtiofs.vhost_user.shmem import SharedMemory, ShmemError
 
 PAGE = 4096
 MiB = 1 << 20
 
 
-class ShmemDevice:
+class ShmemDevice(Device):
     """The least a device needs: queues that do nothing, and shared memory regions."""
 
     def __init__(self, sizes, timeout=5.0):

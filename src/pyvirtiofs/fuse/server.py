@@ -19,6 +19,7 @@ from typing import Callable
 from .. import dax as _dax
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
 from ..virtqueue import DescriptorChain, Reader, Writer
+from ..vhost_user.device import DEFERRED
 from . import abi
 from .lock_wait import LockRequest, LockWaits, is_busy
 from .abi import Opcode
@@ -31,7 +32,6 @@ MAX_PAGES = MAX_WRITE // 4096
 XATTR_SIZE_MAX = 65536
 MAX_NAME = 1024  # longer than any Linux name (255) or xattr name (255), bounded to stay cheap
 _NO_REPLY = -1
-DEFERRED = -2  # handle() result: the reply will come through the completion callback
 
 
 class ProtocolError(Exception):

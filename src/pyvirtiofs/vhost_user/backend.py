@@ -2,9 +2,9 @@
 
 It owns guest memory and the virtqueues and starts a :class:`QueueWorker` for each ring that is
 started (it has memory, addresses and a kick fd) and enabled.  What requests mean is the
-device's business: it provides ``queue_handler(index)`` and ``reset()``, and optionally
-``shmem`` (a :class:`~pyvirtiofs.vhost_user.shmem.SharedMemory`): then the backend offers the
-SHMEM protocol feature, answers GET_SHMEM_CONFIG and hands it the backend channel.
+device's business: the contract is :class:`~pyvirtiofs.vhost_user.device.Device`.  With
+``shmem`` regions the backend offers the SHMEM protocol feature, answers GET_SHMEM_CONFIG and
+hands them the backend channel.
 
 Frontend mistakes (wrong payload sizes, missing fds, rings outside memory, ...) are logged and
 answered with a failure where the protocol has a reply; a message we cannot even frame ends the
@@ -17,24 +17,16 @@ import logging
 import os
 import socket
 import threading
-from typing import Callable, Protocol
 
 from ..guest_memory import GuestMemory, GuestMemoryError, MemoryRegion
 from ..queue_worker import QueueWorker
-from ..virtqueue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
+from ..virtqueue import MAX_QUEUE_SIZE, Virtqueue
 from . import messages as m
 from .connection import Connection, Message, ProtocolViolation
+from .device import Device
 from .shmem import SharedMemory
 
 log = logging.getLogger(__name__)
-
-
-class Device(Protocol):
-    num_queues: int
-
-    def queue_handler(self, index: int) -> Callable[[DescriptorChain], int]: ...
-
-    def reset(self) -> None: ...
 
 
 class BadMessage(Exception):
@@ -64,7 +56,7 @@ class VhostUserBackend:
         self.acked_features = 0
         self.acked_protocol = 0
         self.owner = False
-        shmem = getattr(device, "shmem", None)
+        shmem = device.shmem
         self.shmem: SharedMemory | None = shmem if shmem is not None and shmem.regions else None
         self.protocol_features = PROTOCOL_FEATURES | (SHMEM_PROTOCOL_FEATURES if self.shmem
                                                       else 0)
@@ -152,8 +144,7 @@ class VhostUserBackend:
         running = vq.index in self.workers
         if should_run and not running:
             w = QueueWorker(vq, self.device.queue_handler(vq.index), f"vq{vq.index}",
-                            getattr(self.device, "cancel_pending", None),
-                            getattr(self.device, "pool", None))
+                            self.device.cancel_pending, self.device.pool)
             self.workers[vq.index] = w
             w.start()
         elif running and not should_run:
