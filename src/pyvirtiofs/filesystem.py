@@ -59,13 +59,15 @@ class FsError(Exception):
 class Context:
     """Who asks: the credentials of the guest process behind a request (``uid``, ``gid``,
     ``pid``, and for requests that create something the ``umask`` to apply)."""
-    __slots__ = ("uid", "gid", "pid", "umask")
+    __slots__ = ("uid", "gid", "pid", "umask", "secctx")
 
     def __init__(self, uid: int, gid: int, pid: int, umask: int = 0):
         self.uid = uid
         self.gid = gid
         self.pid = pid
         self.umask = umask
+        # (xattr name, value): the security context a new file must get (FUSE_SECURITY_CTX)
+        self.secctx: tuple[bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"Context(uid={self.uid}, gid={self.gid}, pid={self.pid}, umask={self.umask:o})"
@@ -121,15 +123,19 @@ class Entry:
 
     Returned by every method that names a node (lookup, mkdir, create, ...) and by getattr and
     setattr.  ``generation`` must change if a node id is ever reused for another file."""
-    __slots__ = ("inode", "attr", "generation", "entry_timeout", "attr_timeout")
+    __slots__ = ("inode", "attr", "generation", "entry_timeout", "attr_timeout", "submount")
 
     def __init__(self, inode: int, attr: StatResult, generation: int = 0,
-                 entry_timeout: float = 1.0, attr_timeout: float = 1.0):
+                 entry_timeout: float = 1.0, attr_timeout: float = 1.0,
+                 submount: bool = False):
         self.inode = inode
         self.attr = attr
         self.generation = generation
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
+        # A directory that is a mount point of its own: the guest mounts it separately
+        # (its own st_dev) when the session negotiated FUSE_SUBMOUNTS.
+        self.submount = submount
 
     def __repr__(self) -> str:
         return f"Entry(inode={self.inode}, generation={self.generation})"
@@ -217,7 +223,9 @@ class Capabilities:
     posix_locks: bool = False
     flock_locks: bool = False
     writeback_cache: bool = False
-    posix_acl: bool = False
+    posix_acl: bool = False            # FUSE_POSIX_ACL: the guest checks ACLs, sends umask
+    security_label: bool = False       # FUSE_SECURITY_CTX: new files come with a context
+    submounts: bool = False            # FUSE_SUBMOUNTS: Entry.submount is honoured
     readdirplus: bool = True           # READDIRPLUS answered (DO_READDIRPLUS, READDIRPLUS_AUTO)
     handle_killpriv_v2: bool = True    # the fs clears suid/sgid when the guest asks
     direct_io_allow_mmap: bool = False  # guests may mmap FOPEN_DIRECT_IO files shared

@@ -191,3 +191,16 @@ def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
 
 def umount2(target: str, flags: int) -> None:
     check(libc.umount2(os.fsencode(target), flags), f"umount {target}")
+
+
+STATX_MNT_ID = 0x1000
+_STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id after the dev numbers
+
+
+def mount_id(dirfd: int, path: bytes, flags: int) -> int:
+    """The id of the mount a file lives on (statx STATX_MNT_ID, Linux 5.8+)."""
+    buf = ctypes.create_string_buffer(256)
+    check(_statx(dirfd, path, flags, STATX_MNT_ID, buf), "statx")
+    if not struct.unpack_from("<I", buf, 0)[0] & STATX_MNT_ID:
+        raise OSError(95, "statx: no mount id")
+    return struct.unpack_from("<Q", buf, _STATX_MNT_ID_OFFSET)[0]

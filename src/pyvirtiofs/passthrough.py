@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from . import linux, locks
+from .idmap import IdMap, MappedStat
+from .xattrmap import XattrMap
 from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
                          OpenResult, SetattrRequest)
 
@@ -35,6 +37,19 @@ _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # dropped too unless --allow-direct-io / --preserve-noatime say otherwise.
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_PATH", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def _is_mount_point(parent_fd: int, name: bytes | None) -> bool:
+    """Whether name in the parent directory is the root of another mount (its mount id
+    differs from the parent's); what --announce-submounts tells the guest."""
+    if name is None or name in (b".", b".."):
+        return False
+    try:
+        return (linux.mount_id(parent_fd, name, linux.AT_SYMLINK_NOFOLLOW)
+                != linux.mount_id(parent_fd, b"", linux.AT_EMPTY_PATH))
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -115,7 +130,10 @@ class PassthroughFs(FileSystem):
                  allow_direct_io: bool = False, preserve_noatime: bool = False,
                  allow_mmap: bool = False, readdirplus: bool = True,
                  killpriv_v2: bool = True, timeout: float | None = None,
-                 version_table=None):
+                 version_table=None, uid_map: IdMap | None = None,
+                 gid_map: IdMap | None = None, xattrmap: XattrMap | str | None = None,
+                 posix_acl: bool = False, security_label: bool = False,
+                 announce_submounts: bool = False):
         self.root = os.path.abspath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"shared directory {root!r} is not a directory")
@@ -123,14 +141,27 @@ class PassthroughFs(FileSystem):
         if timeout is not None:  # the C virtiofsd's -o timeout=: entries and attributes
             self.cache = replace(self.cache, timeout=timeout)
         self.readonly = readonly
-        self.xattr = xattr
+        # ACLs and security labels are extended attributes (virtiofsd: they imply --xattr)
+        self.xattr = xattr or posix_acl or security_label
+        self.uid_map = uid_map if uid_map is not None and not uid_map.is_identity else None
+        self.gid_map = gid_map if gid_map is not None and not gid_map.is_identity else None
+        if posix_acl and (self.uid_map or self.gid_map):
+            # ACL entries name host ids the guest would read untranslated (virtiofsd refuses
+            # the combination too).
+            raise ValueError("--posix-acl cannot be combined with --translate-uid/-gid")
+        self._map_ids = self.uid_map is not None or self.gid_map is not None
+        self.xattrmap = XattrMap(xattrmap) if isinstance(xattrmap, str) else xattrmap
+        self.posix_acl = posix_acl
+        self.announce_submounts = announce_submounts
         self.writeback = writeback
         self._open_strip = (_OPEN_STRIP | (0 if allow_direct_io else os.O_DIRECT)
                             | (0 if preserve_noatime else os.O_NOATIME))
         self.capabilities = Capabilities(posix_locks=posix_locks, flock_locks=flock,
                                          writeback_cache=writeback, readdirplus=readdirplus,
                                          handle_killpriv_v2=killpriv_v2,
-                                         direct_io_allow_mmap=allow_mmap)
+                                         direct_io_allow_mmap=allow_mmap,
+                                         posix_acl=posix_acl, security_label=security_label,
+                                         submounts=announce_submounts)
         self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
         self._is_root = os.geteuid() == 0
         if inode_file_handles not in ("never", "prefer", "mandatory"):
@@ -145,6 +176,7 @@ class PassthroughFs(FileSystem):
         # so it keeps working after a chroot into the shared directory.
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._lock = threading.Lock()
+        self._cwd_lock = threading.Lock()  # the working directory is process-wide
         self._inodes: dict[int, _Inode] = {}
         self._by_key: dict[tuple[int, int], _Inode] = {}
         self._handles: dict[int, _Handle] = {}
@@ -229,10 +261,11 @@ class PassthroughFs(FileSystem):
             if ino is not None:
                 ino.refs += 1
         if ino is not None:
-            return self._reply_entry(ino, st)
-        return self._entry_from_fd(os.open(name, _PATH_FLAGS, dir_fd=parent.fd))
+            return self._reply_entry(ino, st, parent, name)
+        return self._entry_from_fd(os.open(name, _PATH_FLAGS, dir_fd=parent.fd), parent, name)
 
-    def _entry_from_fd(self, fd: int) -> Entry:
+    def _entry_from_fd(self, fd: int, parent: _Inode | None = None,
+                       name: bytes | None = None) -> Entry:
         """Take a lookup reference on the inode an O_PATH fd refers to (consumes the fd)."""
         try:
             st = os.stat(fd)
@@ -261,11 +294,32 @@ class PassthroughFs(FileSystem):
                 self._by_key[key] = ino
         if fd >= 0:
             os.close(fd)
-        return self._reply_entry(ino, st)
+        return self._reply_entry(ino, st, parent, name)
 
-    def _reply_entry(self, ino: _Inode, st) -> Entry:
+    def _reply_entry(self, ino: _Inode, st, parent: _Inode | None = None,
+                     name: bytes | None = None) -> Entry:
         t = self.cache.timeout
-        return Entry(ino.nodeid, st, entry_timeout=t, attr_timeout=t)
+        submount = (self.announce_submounts and parent is not None and ino.is_dir
+                    and _is_mount_point(parent.fd, name))
+        return Entry(ino.nodeid, self._guest_attr(st), entry_timeout=t, attr_timeout=t,
+                     submount=submount)
+
+    # -- ids (--translate-uid/--translate-gid) ----------------------------------------------
+    def _guest_attr(self, st):
+        """Attributes as the guest sees them: owners in guest ids."""
+        if not self._map_ids:
+            return st
+        uid = self.uid_map.to_guest(st.st_uid) if self.uid_map else st.st_uid
+        gid = self.gid_map.to_guest(st.st_gid) if self.gid_map else st.st_gid
+        return MappedStat(st, uid, gid)
+
+    def _host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """Guest ids as host ids (FsError EPERM for forbidden ones)."""
+        if self.uid_map is not None:
+            uid = self.uid_map.to_host(uid)
+        if self.gid_map is not None:
+            gid = self.gid_map.to_host(gid)
+        return uid, gid
 
     def reopen_proc_fd(self) -> None:
         """After a fork: /proc/self/fd must be the new process's own fd table."""
@@ -320,11 +374,12 @@ class PassthroughFs(FileSystem):
     @contextmanager
     def _as(self, ctx: Context):
         """Create files as the guest user: per-thread fsuid/fsgid (root daemons only)."""
-        if not self._is_root or (ctx.uid == 0 and ctx.gid == 0):
+        uid, gid = self._host_ids(ctx.uid, ctx.gid) if self._map_ids else (ctx.uid, ctx.gid)
+        if not self._is_root or (uid == 0 and gid == 0):
             yield
             return
-        linux.setfsgid(ctx.gid)
-        linux.setfsuid(ctx.uid)
+        linux.setfsgid(gid)
+        linux.setfsuid(uid)
         try:
             yield
         finally:
@@ -378,7 +433,7 @@ class PassthroughFs(FileSystem):
 
     def getattr(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
-        return os.stat(fd), self.cache.timeout
+        return self._guest_attr(os.stat(fd)), self.cache.timeout
 
     def statx(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
@@ -396,8 +451,15 @@ class PassthroughFs(FileSystem):
             else:
                 os.chmod(str(ino.fd), stat.S_IMODE(req.mode), dir_fd=self._proc_fd)
         if req.uid is not None or req.gid is not None:
-            linux.fchownat_empty(ino.fd, -1 if req.uid is None else req.uid,
-                                 -1 if req.gid is None else req.gid)
+            uid = -1 if req.uid is None else req.uid
+            gid = -1 if req.gid is None else req.gid
+            if self.uid_map is not None and uid != -1:
+                uid = self.uid_map.to_host(uid)
+            if self.gid_map is not None and gid != -1:
+                gid = self.gid_map.to_host(gid)
+            linux.fchownat_empty(ino.fd, uid, gid)
+            if ino.is_regular:
+                self._remove_mapped_capability(ino.fd)
         if req.size is not None:
             if hfd is not None:
                 os.ftruncate(hfd, req.size)
@@ -424,7 +486,7 @@ class PassthroughFs(FileSystem):
                             spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
         if self.version_table is not None:
             self._bump(ino.key)
-        return os.stat(ino.fd), self.cache.timeout
+        return self._guest_attr(os.stat(ino.fd)), self.cache.timeout
 
     def readlink(self, inode, ctx):
         ino = self._inode(inode)
@@ -437,24 +499,29 @@ class PassthroughFs(FileSystem):
         p = self._inode(parent)
         with self._as(ctx):
             os.symlink(target, name, dir_fd=p.fd)
+        self._label_new(p, name, ctx)
         return self._created(p, name)
 
     def mknod(self, parent, name, mode, rdev, ctx):
         self._check_writable()
         p = self._inode(parent)
+        perm = self._creation_mode(p, mode, ctx)
         with self._as(ctx):
             if stat.S_ISREG(mode):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
-                                 stat.S_IMODE(mode), dir_fd=p.fd))
+                                 perm, dir_fd=p.fd))
             else:
-                os.mknod(name, mode, rdev, dir_fd=p.fd)
+                os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=p.fd)
+        self._label_new(p, name, ctx)
         return self._created(p, name)
 
     def mkdir(self, parent, name, mode, ctx):
         self._check_writable()
         p = self._inode(parent)
+        perm = self._creation_mode(p, mode, ctx)
         with self._as(ctx):
-            os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
+            os.mkdir(name, perm, dir_fd=p.fd)
+        self._label_new(p, name, ctx)
         return self._created(p, name)
 
     def _created(self, parent: _Inode, name: bytes) -> Entry:
@@ -464,6 +531,62 @@ class PassthroughFs(FileSystem):
         if self.version_table is not None:
             self._bump(parent.key, (entry.attr.st_dev, entry.attr.st_ino))
         return entry
+
+    # -- what new files get: mode under ACLs, security label --------------------------------
+    def _creation_mode(self, parent: _Inode, mode: int, ctx: Context) -> int:
+        """The permission bits to create with.  With --posix-acl the guest leaves the umask
+        to us (FUSE_DONT_MASK): it applies unless the parent directory has a default ACL,
+        which the host kernel then applies instead (the daemon's own umask is 0)."""
+        perm = stat.S_IMODE(mode)
+        if not self.posix_acl or not ctx.umask or self._has_default_acl(parent):
+            return perm
+        return perm & ~ctx.umask
+
+    def _has_default_acl(self, parent: _Inode) -> bool:
+        fd = self._reopen(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.getxattr(fd, "system.posix_acl_default")
+            return True
+        except OSError:  # ENODATA: none; ENOTSUP: no ACLs on this file system
+            return False
+        finally:
+            os.close(fd)
+
+    def _label_new(self, parent: _Inode, name: bytes, ctx: Context, fd: int | None = None):
+        """--security-label: give a new file the security context the guest sent with the
+        request; a file that cannot get it is removed again and the error returned."""
+        if ctx.secctx is None:
+            return
+        xname, value = ctx.secctx
+        try:
+            if self.xattrmap is not None:
+                xname = self.xattrmap.to_host(xname)
+            if fd is not None:
+                os.setxattr(fd, xname, value)
+            else:
+                path_fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+                try:
+                    self._setxattr_o_path(path_fd, xname, value)
+                finally:
+                    os.close(path_fd)
+        except BaseException:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(name, dir_fd=parent.fd)
+            else:
+                os.unlink(name, dir_fd=parent.fd)
+            raise
+
+    def _setxattr_o_path(self, path_fd: int, name: bytes, value: bytes) -> None:
+        """setxattr on what an O_PATH fd holds, symlinks and device nodes included: through
+        its /proc/self/fd entry, relative to the proc directory as the working directory
+        (setxattr has no *at form; the magic link leads to the inode itself)."""
+        with self._cwd_lock:
+            os.fchdir(self._proc_fd)
+            try:
+                os.setxattr(str(path_fd), name, value)
+            finally:
+                os.chdir(self._inodes[ROOT_INODE].fd)
 
     def unlink(self, parent, name, ctx):
         self._check_writable()
@@ -554,9 +677,11 @@ class PassthroughFs(FileSystem):
         p = self._inode(parent)
         flags = (self._open_flags(flags, keep=os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC)
+        perm = self._creation_mode(p, mode, ctx)
         with self._as(ctx):
-            fd = os.open(name, flags, stat.S_IMODE(mode), dir_fd=p.fd)
+            fd = os.open(name, flags, perm, dir_fd=p.fd)
         try:
+            self._label_new(p, name, ctx, fd)
             entry = self._entry(p, name)
         except BaseException:
             os.close(fd)
@@ -573,8 +698,9 @@ class PassthroughFs(FileSystem):
         flags = (self._open_flags(flags) & ~os.O_DIRECTORY) | os.O_TMPFILE
         if not flags & (os.O_WRONLY | os.O_RDWR):
             flags |= os.O_RDWR
+        perm = self._creation_mode(p, mode, ctx)
         with self._as(ctx):
-            fd = os.open(str(p.fd), flags | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=self._proc_fd)
+            fd = os.open(str(p.fd), flags | os.O_CLOEXEC, perm, dir_fd=self._proc_fd)
         try:
             entry = self._entry_from_fd(os.open(str(fd), os.O_PATH | os.O_CLOEXEC,
                                                 dir_fd=self._proc_fd))
@@ -616,6 +742,22 @@ class PassthroughFs(FileSystem):
             os.removexattr(fd, "security.capability")
         except OSError:
             pass
+        self._remove_mapped_capability(fd)
+
+    def _remove_mapped_capability(self, fd: int) -> None:
+        """The kernel drops security.capability on write and chown; when the xattr map
+        renames it, the renamed attribute is ours to drop (fd: any fd of the file)."""
+        name = self.xattrmap.capability_name if self.xattrmap is not None else None
+        if name is None or not stat.S_ISREG(os.stat(fd).st_mode):
+            return
+        rfd = os.open(str(fd), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            os.removexattr(rfd, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
+        finally:
+            os.close(rfd)
 
     def write(self, inode, fh, offset, data, ctx):
         self._check_writable()
@@ -672,7 +814,7 @@ class PassthroughFs(FileSystem):
         return os.statvfs(self._inode(inode).fd)
 
     def access(self, inode, mask, ctx):
-        st = os.stat(self._inode(inode).fd)
+        st = self._guest_attr(os.stat(self._inode(inode).fd))  # compared with guest ids
         if mask == os.F_OK:
             return
         if ctx.uid == 0:
@@ -777,23 +919,40 @@ class PassthroughFs(FileSystem):
             # something a guest may cause; Linux allows no user.* xattrs on them anyway.
             raise FsError(errno.EPERM)
 
+    def _host_xattr_name(self, name: bytes, getting: bool = False) -> bytes:
+        """The host name of a guest's xattr name (--xattrmap); without --posix-acl the
+        ACL attributes do not exist for the guest (virtiofsd: ENOTSUP)."""
+        if not self.posix_acl and name in _ACL_XATTRS:
+            raise FsError(errno.EOPNOTSUPP)
+        if self.xattrmap is not None:
+            return self.xattrmap.to_host(name, getting=getting)
+        return name
+
     def setxattr(self, inode, name, value, flags, ctx):
         self._check_writable()
+        name = self._host_xattr_name(name)
         with self._xattr_fd(inode) as fd:
             os.setxattr(fd, name, value, flags)
         if self.version_table is not None:
             self._bump_node(inode)
 
     def getxattr(self, inode, name, ctx):
+        name = self._host_xattr_name(name, getting=True)
         with self._xattr_fd(inode) as fd:
             return os.getxattr(fd, name)
 
     def listxattr(self, inode, ctx):
         with self._xattr_fd(inode) as fd:
-            return [os.fsencode(n) for n in os.listxattr(fd)]
+            names = [os.fsencode(n) for n in os.listxattr(fd)]
+        if self.xattrmap is not None:
+            names = self.xattrmap.to_guest(names)
+        if not self.posix_acl:
+            names = [n for n in names if n not in _ACL_XATTRS]
+        return names
 
     def removexattr(self, inode, name, ctx):
         self._check_writable()
+        name = self._host_xattr_name(name)
         with self._xattr_fd(inode) as fd:
             os.removexattr(fd, name)
         if self.version_table is not None:

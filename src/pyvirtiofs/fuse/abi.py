@@ -103,9 +103,19 @@ DIRECT_IO_ALLOW_MMAP = 1 << 36  # flags2 bit 4 (7.39): shared mmap of FOPEN_DIRE
 # GETATTR replies end with a VERSION_OUT naming the inode's version-table slot and version.
 PYVFS_VERSION_TABLE = 1 << 63
 HAS_INODE_DAX = 1 << 33
+SECURITY_CTX = 1 << 32
 
 # fuse_attr.flags
+ATTR_SUBMOUNT = 1 << 0
 ATTR_DAX = 1 << 1
+# fuse_setxattr_in.setxattr_flags (with SETXATTR_EXT)
+SETXATTR_ACL_KILL_SGID = 1 << 0
+
+# Request extensions (fuse_in_header.total_extlen, in units of 8 bytes, at the request's
+# end).  Types 0..MAX_NR_SECCTX are a security context header whose type is its count.
+EXT_HEADER = struct.Struct("<II")                # size (whole extension) type / nr_secctx
+SECCTX = struct.Struct("<II")                    # size (of the value) padding; name\0 value
+MAX_NR_SECCTX = 31
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0

@@ -40,15 +40,16 @@ class ProtocolError(Exception):
 
 class Request:
     """One request being served (a plain class: one is made per request)."""
-    __slots__ = ("opcode", "unique", "nodeid", "ctx", "head", "complete")
+    __slots__ = ("opcode", "unique", "nodeid", "ctx", "head", "complete", "ext_len")
 
-    def __init__(self, opcode, unique, nodeid, ctx, head=0, complete=None):
+    def __init__(self, opcode, unique, nodeid, ctx, head=0, complete=None, ext_len=0):
         self.opcode = opcode
         self.unique = unique
         self.nodeid = nodeid
         self.ctx = ctx
         self.head = head
         self.complete = complete
+        self.ext_len = ext_len  # bytes of request extensions after the arguments
 
 
 def _split_nul(data: bytes, count: int) -> list[bytes]:
@@ -117,7 +118,8 @@ def encode_entry(e: Entry, attr_flags: int = 0) -> bytes:
     es, ens = _timeout(e.entry_timeout)
     as_, ans = _timeout(e.attr_timeout)
     return _ENTRY_OUT.pack(e.inode, e.generation, es, as_, ens, ans,
-                           *_attr_fields(e.attr, attr_flags))
+                           *_attr_fields(e.attr, attr_flags
+                                         | (abi.ATTR_SUBMOUNT if e.submount else 0)))
 
 
 def encode_attr_out(attr, timeout: float, attr_flags: int = 0) -> bytes:
@@ -212,12 +214,18 @@ class FuseServer:
         if self._trace:
             log.log(TRACE, "request %s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
                     _opname(opcode), unique, nodeid, uid, gid, pid, length)
+        ext_len = extlen * 8
+        if ext_len:
+            if ext_len > r.remaining:
+                return self._error(w, unique, errno.EINVAL, "extensions longer than the request")
+            r.remaining -= ext_len  # handlers see the arguments only; see _security_context
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)
         if not self.initialized and opcode != _INIT:
             return self._error(w, unique, errno.EIO, "request before INIT")
-        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete)
+        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete,
+                      ext_len)
         try:
             n = handler(req, r, w)
         except FsError as e:
@@ -299,8 +307,13 @@ class FuseServer:
                 want |= abi.FLOCK_LOCKS
             if caps.writeback_cache:
                 want |= abi.WRITEBACK_CACHE
+            required = 0  # what the file system was configured for: no mount without it
             if caps.posix_acl:
-                want |= abi.POSIX_ACL | abi.DONT_MASK
+                required |= abi.POSIX_ACL | abi.DONT_MASK | abi.SETXATTR_EXT
+            if caps.security_label:
+                required |= abi.SECURITY_CTX
+            if caps.submounts:
+                want |= abi.SUBMOUNTS
             if (flags2 << 32 & abi.PYVFS_VERSION_TABLE and self.fs.version_table is not None
                     and self.version_table_readable()):
                 want |= abi.PYVFS_VERSION_TABLE
@@ -314,7 +327,11 @@ class FuseServer:
                 want |= abi.MAP_ALIGNMENT | abi.HAS_INODE_DAX
                 self.dax.remove_all()  # mappings of an earlier session, if any
             guest = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
-            self.flags = want & guest
+            if required & ~guest:
+                log.error("the guest lacks INIT flags %#x that --posix-acl/--security-label "
+                          "need; refusing the mount", required & ~guest)
+                raise FsError(errno.EPROTO)
+            self.flags = (want | required) & guest
             self._inode_dax = bool(self.flags & abi.HAS_INODE_DAX)
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
             self.fs.init()
@@ -502,6 +519,7 @@ class FuseServer:
         name, target = _split_nul(r.read(r.remaining), 2)
         if not target:
             raise FsError(errno.ENOENT)
+        self._security_context(req, r)
         return self._reply(w, self._entry(self.fs.symlink(req.nodeid, _check_name(name),
                                                            target, req.ctx)))
 
@@ -509,13 +527,38 @@ class FuseServer:
         mode, rdev, umask, _ = abi.MKNOD_IN.unpack(r.read(abi.MKNOD_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
+        self._security_context(req, r)
         return self._reply(w, self._entry(self.fs.mknod(req.nodeid, name, mode, rdev, req.ctx)))
 
     def _op_mkdir(self, req, r, w):
         mode, umask = abi.MKDIR_IN.unpack(r.read(abi.MKDIR_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
+        self._security_context(req, r)
         return self._reply(w, self._entry(self.fs.mkdir(req.nodeid, name, mode, req.ctx)))
+
+    def _security_context(self, req, r) -> None:
+        """FUSE_SECURITY_CTX: the context a new file must get comes as a request extension
+        after the arguments (the handler has read those): at most one is used."""
+        if not req.ext_len or not self.flags & abi.SECURITY_CTX:
+            return
+        r.remaining = req.ext_len
+        ext = r.read(req.ext_len)
+        pos = 0
+        while pos + abi.EXT_HEADER.size <= len(ext):
+            size, kind = abi.EXT_HEADER.unpack_from(ext, pos)
+            if size < abi.EXT_HEADER.size or pos + size > len(ext):
+                raise ProtocolError("malformed request extension")
+            if kind <= abi.MAX_NR_SECCTX:
+                if kind:  # nr_secctx; 0 when no security module in the guest gave one
+                    body = ext[pos + abi.EXT_HEADER.size:pos + size]
+                    vlen, _ = abi.SECCTX.unpack_from(body) if len(body) >= 8 else (-1, 0)
+                    end = body.find(b"\0", abi.SECCTX.size)
+                    if vlen < 0 or end < 0 or end + 1 + vlen > len(body):
+                        raise ProtocolError("malformed security context")
+                    req.ctx.secctx = (body[abi.SECCTX.size:end], body[end + 1:end + 1 + vlen])
+                return
+            pos += size
 
     def _op_unlink(self, req, r, w):
         (name,) = self._names(r, 1)
@@ -557,6 +600,7 @@ class FuseServer:
         flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
+        self._security_context(req, r)
         entry, opened = self.fs.create(req.nodeid, name, mode, flags, req.ctx)
         return self._reply(w, self._entry(entry) + encode_open(opened))
 
@@ -727,6 +771,7 @@ class FuseServer:
         st = abi.SETXATTR_IN_EXT if self.flags & abi.SETXATTR_EXT else abi.SETXATTR_IN
         fields = st.unpack(r.read(st.size))
         size, flags = fields[0], fields[1]
+        kill_sgid = len(fields) > 2 and fields[2] & abi.SETXATTR_ACL_KILL_SGID
         if size > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
         if size > r.remaining:
@@ -736,6 +781,13 @@ class FuseServer:
         if end <= 0 or len(rest) - end - 1 < size:
             raise ProtocolError("malformed SETXATTR")
         name, value = rest[:end], rest[end + 1:end + 1 + size]
+        if kill_sgid and name == b"system.posix_acl_access":
+            # The guest's caller may not keep setgid (not in the group, no CAP_FSETID); the
+            # host sees the daemon set the ACL, so it would keep the bit: drop it here.
+            attr, _ = self.fs.getattr(req.nodeid, None, req.ctx)
+            if attr.st_mode & 0o2000:
+                self.fs.setattr(req.nodeid, None, SetattrRequest(mode=attr.st_mode & 0o5777),
+                                req.ctx)
         self.fs.setxattr(req.nodeid, name, value, flags, req.ctx)
         return 0
 
