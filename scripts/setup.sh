@@ -13,6 +13,9 @@ command -v zstd >/dev/null || need+=(zstd)   # the Linux 6.12 guest kernel is zs
 # virtme-ng (a real client, tests/e2e/test_virtme_ng.py) needs depmod and udevadm
 [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || need+=(kmod)
 [ -x /usr/bin/udevadm ] || [ -x /bin/udevadm ] || need+=(udev)
+# the ACL and xattr tools the identity guest test runs inside the guest (the host's root)
+command -v setfacl >/dev/null || need+=(acl)
+command -v setfattr >/dev/null || need+=(attr)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: need root to install ${need[*]} (apt-get)" >&2; exit 1

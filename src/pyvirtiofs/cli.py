@@ -20,6 +20,8 @@ from . import __version__, options, sandbox, seccomp, version_table
 from .config import Config
 from .device import VirtioFsDevice
 from .fuse.server import TRACE
+from .idmap import IdMap
+from .xattrmap import XattrMap
 from .passthrough import PassthroughFs
 from .vhost_user.shmem import SharedMemory
 from .virtqueue import ORDERING_IS_SAFE
@@ -198,7 +200,12 @@ def _run(config: Config) -> int:
                            preserve_noatime=config.preserve_noatime,
                            allow_mmap=config.allow_mmap, readdirplus=config.readdirplus,
                            killpriv_v2=config.killpriv_v2, timeout=config.timeout,
-                           version_table=table)
+                                                      version_table=table,
+                           uid_map=IdMap(config.translate_uid, "uid"),
+                           gid_map=IdMap(config.translate_gid, "gid"),
+                           xattrmap=XattrMap(config.xattrmap) if config.xattrmap else None,
+                           posix_acl=config.posix_acl, security_label=config.security_label,
+                           announce_submounts=config.announce_submounts)
     except (OSError, ValueError) as e:
         raise StartupError(f"cannot share {config.shared_dir!r}: "
                            f"{getattr(e, 'strerror', None) or e}") from None

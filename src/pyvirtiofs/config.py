@@ -46,7 +46,10 @@ class TranslateRule:
 
     @classmethod
     def parse(cls, text: str) -> "TranslateRule":
-        parts = text.split(":")
+        # virtiofsd takes any separator that is not a letter, digit, '-' or '_' (the same
+        # one throughout): map:1:2:3 and map/1/2/3 are one rule
+        sep = next((ch for ch in text if not (ch.isalnum() or ch in "-_")), ":")
+        parts = text.split(sep)
         kind = parts[0]
         if kind not in cls.KINDS:
             raise ValueError(f"unknown type {kind!r} (one of {', '.join(cls.KINDS)})")
@@ -133,6 +136,8 @@ class XattrMapRule:
                 if fields[0] == "map" and len(fields) == 3:
                     break
             i = j
+            if fields[0] == "map" and text[i:].strip():
+                raise ValueError(f"rule {len(rules) + 1}: a map rule must be the last")
             rules.extend(cls._rule(fields, len(rules) + 1))
         if not rules:
             raise ValueError("no rules")
@@ -177,7 +182,7 @@ class Config:
     killpriv_v2: bool = True             # differs: virtiofsd's default is off
     preserve_noatime: bool = False       # else O_NOATIME is dropped from opens
     readdirplus: bool = True
-    announce_submounts: bool = False     # differs until submounts are implemented
+    announce_submounts: bool = True
     # extended attributes, ACLs, security labels, identities
     xattr: bool = True                   # differs: virtiofsd's default is off
     posix_acl: bool = False

@@ -3,8 +3,7 @@
 A guest's uid 1000 need not be the host's uid 1000.  An :class:`IdMap` holds two independent
 translations, guest to host (the credentials a request runs with, the owner a guest sets) and
 host to guest (the owner fields of the attributes sent back); an id no rule names maps to
-itself.  Rules, as virtiofsd 1.13 spells them (any non-alphanumeric separator other than
-``-`` and ``_`` may replace ``:``, the same one throughout a rule):
+itself.  The rules (:class:`pyvirtiofs.config.TranslateRule`, virtiofsd 1.13's grammar):
 
 * ``guest:GUEST:HOST:COUNT``: guest ids GUEST.. become host ids HOST.. (one direction)
 * ``host:HOST:GUEST:COUNT``: host ids HOST.. are shown as guest ids GUEST.. (one direction)
@@ -21,37 +20,14 @@ from __future__ import annotations
 
 import bisect
 import errno
+from typing import Iterable
 
+from .config import TranslateRule
 from .filesystem import FsError
-
-ID_MAX = 0xFFFFFFFF  # ids are u32 on the wire; (u32)-1 means "no change" in chown
-
-_KINDS = {"guest": 3, "host": 3, "squash-guest": 3, "squash-host": 3, "forbid-guest": 2,
-          "map": 3}
 
 
 class IdMapError(ValueError):
-    """A rule that cannot be parsed or that contradicts another."""
-
-
-def _split_fields(spec: str) -> tuple[str, list[int]]:
-    """'type<sep>n<sep>n...' with one separator character throughout."""
-    i = 0
-    while i < len(spec) and (spec[i].isalnum() or spec[i] in "-_"):
-        i += 1
-    kind = spec[:i].lower()
-    if i == len(spec):
-        raise IdMapError(f"{spec!r}: expected TYPE:FIELD:..., e.g. map:1000:101000:1")
-    sep = spec[i]
-    parts = spec[i + 1:].split(sep)
-    try:
-        values = [int(p, 10) for p in parts]
-    except ValueError:
-        raise IdMapError(f"{spec!r}: fields after the type must be numbers separated by "
-                         f"{sep!r}") from None
-    if any(v < 0 or v > ID_MAX for v in values):
-        raise IdMapError(f"{spec!r}: ids are 0..{ID_MAX}")
-    return kind, values
+    """Rules that contradict each other."""
 
 
 class _Table:
@@ -63,11 +39,7 @@ class _Table:
         self._rules: list[tuple[int, int, str, int]] = []  # (start, end, how, target)
 
     def add(self, start: int, count: int, how: str, target: int, spec: str) -> None:
-        if count <= 0:
-            raise IdMapError(f"{spec!r}: the count must be at least 1")
         end = start + count
-        if end - 1 > ID_MAX or (how == "range" and target + count - 1 > ID_MAX):
-            raise IdMapError(f"{spec!r}: the range runs past id {ID_MAX}")
         i = bisect.bisect_right(self._starts, start)
         overlaps = (i > 0 and self._rules[i - 1][1] > start) or (
             i < len(self._rules) and self._rules[i][0] < end)
@@ -97,35 +69,34 @@ class _Table:
 class IdMap:
     """Translations of one kind of id (uids or gids) in both directions."""
 
-    def __init__(self, specs: list[str] | tuple[str, ...] = (), what: str = "id"):
+    def __init__(self, rules: Iterable[TranslateRule] = (), what: str = "id"):
         self.what = what
-        self.specs = tuple(specs)
+        self.rules = tuple(rules)
         self._to_host = _Table("guest-to-host")
         self._to_guest = _Table("host-to-guest")
-        for spec in self.specs:
-            self._add(spec)
+        for r in self.rules:
+            self._add(r)
 
-    def _add(self, spec: str) -> None:
-        kind, v = _split_fields(spec.strip())
-        want = _KINDS.get(kind)
-        if want is None:
-            raise IdMapError(f"{spec!r}: unknown type {kind!r}; one of "
-                             + ", ".join(_KINDS))
-        if len(v) != want:
-            raise IdMapError(f"{spec!r}: {kind} takes {want} numbers, got {len(v)}")
-        if kind == "guest":
-            self._to_host.add(v[0], v[2], "range", v[1], spec)
-        elif kind == "host":
-            self._to_guest.add(v[0], v[2], "range", v[1], spec)
-        elif kind == "squash-guest":
-            self._to_host.add(v[0], v[2], "squash", v[1], spec)
-        elif kind == "squash-host":
-            self._to_guest.add(v[0], v[2], "squash", v[1], spec)
-        elif kind == "forbid-guest":
-            self._to_host.add(v[0], v[1], "forbid", 0, spec)
+    @classmethod
+    def parse(cls, specs: Iterable[str], what: str = "id") -> "IdMap":
+        """From command-line rules such as ``map:1000:101000:10``."""
+        return cls([TranslateRule.parse(s) for s in specs], what)
+
+    def _add(self, r: TranslateRule) -> None:
+        spec = f"{r.kind}:{r.source}:{r.target}:{r.count}"
+        if r.kind == "guest":
+            self._to_host.add(r.source, r.count, "range", r.target, spec)
+        elif r.kind == "host":
+            self._to_guest.add(r.source, r.count, "range", r.target, spec)
+        elif r.kind == "squash-guest":
+            self._to_host.add(r.source, r.count, "squash", r.target, spec)
+        elif r.kind == "squash-host":
+            self._to_guest.add(r.source, r.count, "squash", r.target, spec)
+        elif r.kind == "forbid-guest":
+            self._to_host.add(r.source, r.count, "forbid", 0, f"forbid-guest:{r.source}:{r.count}")
         else:  # map
-            self._to_host.add(v[0], v[2], "range", v[1], spec)
-            self._to_guest.add(v[1], v[2], "range", v[0], spec)
+            self._to_host.add(r.source, r.count, "range", r.target, spec)
+            self._to_guest.add(r.target, r.count, "range", r.source, spec)
 
     @property
     def is_identity(self) -> bool:
@@ -144,7 +115,7 @@ class IdMap:
         return host_id if guest is None else guest
 
     def __repr__(self) -> str:
-        return f"IdMap({list(self.specs)!r})"
+        return f"IdMap({self.rules!r})"
 
 
 class MappedStat:
@@ -168,20 +139,3 @@ class MappedStat:
         self.st_mtime_ns = st.st_mtime_ns
         self.st_ctime_ns = st.st_ctime_ns
         self.st_dev = st.st_dev
-
-
-def parse_namespace_map(spec: str) -> tuple[int, int, int]:
-    """libvirt's --uid-map/--gid-map form ``:INSIDE:OUTSIDE:COUNT:`` (any non-alphanumeric
-    character as the separator, which also opens and closes the spec)."""
-    if len(spec) < 2 or spec[0].isalnum() or spec[-1] != spec[0]:
-        raise IdMapError(f"{spec!r}: expected :INSIDE:OUTSIDE:COUNT:, e.g. :0:100000:65536:")
-    parts = spec[1:-1].split(spec[0])
-    if len(parts) != 3:
-        raise IdMapError(f"{spec!r}: expected three numbers, INSIDE, OUTSIDE and COUNT")
-    try:
-        inside, outside, count = (int(p, 10) for p in parts)
-    except ValueError:
-        raise IdMapError(f"{spec!r}: INSIDE, OUTSIDE and COUNT must be numbers") from None
-    if count <= 0 or min(inside, outside) < 0 or max(inside, outside) + count - 1 > ID_MAX:
-        raise IdMapError(f"{spec!r}: ids are 0..{ID_MAX} and the count at least 1")
-    return inside, outside, count

@@ -26,12 +26,7 @@ CAPABILITIES = {"type": "fs", "features": []}
 
 #: Options the daemon parses but does not implement yet: Config field -> how it is spelled.
 #: main() refuses any of them that is set, with a one-line error, rather than ignore it.
-NOT_IMPLEMENTED = {
-    "translate_uid": "--translate-uid", "translate_gid": "--translate-gid",
-    "uid_map": "--uid-map", "gid_map": "--gid-map", "xattrmap": "--xattrmap",
-    "posix_acl": "--posix-acl", "security_label": "--security-label",
-    "announce_submounts": "--announce-submounts",
-}
+NOT_IMPLEMENTED = {"uid_map": "--uid-map", "gid_map": "--gid-map"}
 
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 
@@ -126,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not offer READDIRPLUS")
     cache.add_argument("--announce-submounts", dest="announce_submounts", action="store_true",
                        default=S, help="mark host mount points so the guest mounts them "
-                                       "separately (not implemented yet)")
+                                       "separately, with their own st_dev (default)")
     cache.add_argument("--no-announce-submounts", dest="announce_submounts",
-                       action="store_false", default=S, help="do not (the current behaviour)")
+                       action="store_false", default=S, help="do not")
     share = p.add_argument_group("several daemons on one tree (docs/version-table.md)")
     share.add_argument("--version-table", metavar="PATH", default=S,
                        help="shared metadata version table, a file in /dev/shm created if "
@@ -347,6 +342,13 @@ def _check(c: Config, given: dict) -> None:
                          "(translated ids would break the ACLs)")
     if c.dax is not None and not c.dax_window:
         raise UsageError("--dax needs --dax-window=SIZE")
+    from .idmap import IdMap, IdMapError
+    for rules, option in ((c.translate_uid, "--translate-uid"), (c.translate_gid,
+                                                                 "--translate-gid")):
+        try:
+            IdMap(rules)
+        except IdMapError as e:
+            raise UsageError(f"{option}: {e}") from None
     if c.modcaps is not None:
         from . import sandbox
         try:

@@ -150,7 +150,7 @@ class PassthroughFs(FileSystem):
             # the combination too).
             raise ValueError("--posix-acl cannot be combined with --translate-uid/-gid")
         self._map_ids = self.uid_map is not None or self.gid_map is not None
-        self.xattrmap = XattrMap(xattrmap) if isinstance(xattrmap, str) else xattrmap
+        self.xattrmap = XattrMap.parse(xattrmap) if isinstance(xattrmap, str) else xattrmap
         self.posix_acl = posix_acl
         self.announce_submounts = announce_submounts
         self.writeback = writeback

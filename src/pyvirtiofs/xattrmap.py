@@ -3,7 +3,8 @@
 A mapping is a list of rules tried in order; the first that matches decides.  Each rule's
 fields are separated by its first non-blank character (the same character closes it), so
 ``:prefix:all:trusted.:user.virtiofs.:`` and ``/prefix/all/trusted./user.virtiofs./`` are the
-same rule; blanks and newlines may separate rules::
+same rule; blanks and newlines may separate rules (parsed by
+:meth:`pyvirtiofs.config.XattrMapRule.parse_all`)::
 
     <sep>TYPE<sep>SCOPE<sep>KEY<sep>PREPEND<sep>
     <sep>map<sep>KEY<sep>PREPEND<sep>          (at most one, and last)
@@ -31,17 +32,14 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Iterable
 
+from .config import XattrMapRule
 from .filesystem import FsError
 
 CLIENT = 1
 SERVER = 2
 _SCOPES = {"client": CLIENT, "server": SERVER, "all": CLIENT | SERVER}
-_TYPES = ("prefix", "ok", "bad", "unsupported", "map")
-
-
-class XattrMapError(ValueError):
-    """A mapping that cannot be parsed; the message names the rule."""
 
 
 @dataclass(frozen=True)
@@ -52,73 +50,16 @@ class Rule:
     prepend: bytes  # matched against server names; added to client names by prefix
 
 
-def _read_field(text: str, pos: int, sep: str, rule_no: int) -> tuple[str, int]:
-    end = text.find(sep, pos)
-    if end < 0:
-        raise XattrMapError(f"xattrmap rule {rule_no}: not closed with {sep!r}")
-    return text[pos:end], end + 1
-
-
-def parse(text: str) -> list[Rule]:
-    """The rules of a --xattrmap string, with ``map`` expanded."""
-    rules: list[Rule] = []
-    pos, n, rule_no = 0, len(text), 0
-    while True:
-        while pos < n and text[pos].isspace():
-            pos += 1
-        if pos == n:
-            break
-        rule_no += 1
-        sep = text[pos]
-        if sep.isalnum():
-            raise XattrMapError(f"xattrmap rule {rule_no}: starts with {sep!r}; a rule starts "
-                                "with its separator, e.g. :ok:all:::")
-        kind, pos = _read_field(text, pos + 1, sep, rule_no)
-        if kind not in _TYPES:
-            raise XattrMapError(f"xattrmap rule {rule_no}: unknown type {kind!r}; one of "
-                                + ", ".join(_TYPES))
-        if kind == "map":
-            key, pos = _read_field(text, pos, sep, rule_no)
-            prepend, pos = _read_field(text, pos, sep, rule_no)
-            if text[pos:].strip():
-                raise XattrMapError(f"xattrmap rule {rule_no}: a map rule must be the last")
-            rules += _expand_map(os_bytes(key), os_bytes(prepend))
-            break
-        scope, pos = _read_field(text, pos, sep, rule_no)
-        if scope not in _SCOPES:
-            raise XattrMapError(f"xattrmap rule {rule_no}: unknown scope {scope!r}; one of "
-                                "client, server, all")
-        key, pos = _read_field(text, pos, sep, rule_no)
-        prepend, pos = _read_field(text, pos, sep, rule_no)
-        rules.append(Rule(kind, _SCOPES[scope], os_bytes(key), os_bytes(prepend)))
-    if not rules:
-        raise XattrMapError("xattrmap: no rules")
-    return rules
-
-
-def os_bytes(s: str) -> bytes:
+def _bytes(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
-
-
-def _expand_map(key: bytes, prepend: bytes) -> list[Rule]:
-    both = CLIENT | SERVER
-    rules = [Rule("prefix", both, key, prepend)]
-    if key:
-        # Host names starting with key but lacking the prefix are hidden; a client may not
-        # name the prefixed form directly (it would bypass the guest's own access rules).
-        rules.append(Rule("bad", both, prepend, key))
-        rules.append(Rule("ok", both, b"", b""))
-    else:
-        rules.append(Rule("bad", both, b"", b""))
-    return rules
 
 
 class XattrMap:
     """Applies a parsed mapping to names from the guest and to lists from the host."""
 
-    def __init__(self, text: str):
-        self.text = text
-        self.rules = parse(text)
+    def __init__(self, rules: Iterable[XattrMapRule]):
+        self.rules = [Rule(r.type, _SCOPES[r.scope], _bytes(r.key), _bytes(r.prepend))
+                      for r in rules]
         try:
             self.capability_name: bytes | None = self.to_host(b"security.capability")
         except FsError:
@@ -155,5 +96,7 @@ class XattrMap:
             out.append(name[len(r.prepend):] if r.type == "prefix" else name)
         return out
 
-    def __repr__(self) -> str:
-        return f"XattrMap({self.text!r})"
+    @classmethod
+    def parse(cls, text: str) -> "XattrMap":
+        """From the command-line text (ValueError with the rule's number if malformed)."""
+        return cls(XattrMapRule.parse_all(text))

@@ -130,10 +130,10 @@ def test_migration_defaults_are_accepted():
 
 
 def test_translate_rules():
-    c = parse(BASE + ["--translate-uid=map:0:100000:65536", "--translate-uid=squash-guest:0:1000:4294967295",
+    c = parse(BASE + ["--translate-uid=map:0:100000:65536", "--translate-uid=squash-guest:65536:1000:4294901760",
                       "--translate-gid=forbid-guest:1001:999", "--translate-gid=host:5:6:1"])
     assert c.translate_uid == (TranslateRule("map", 0, 100000, 65536),
-                               TranslateRule("squash-guest", 0, 1000, 4294967295))
+                               TranslateRule("squash-guest", 65536, 1000, 4294901760))
     assert c.translate_gid == (TranslateRule("forbid-guest", 1001, None, 999),
                                TranslateRule("host", 5, 6, 1))
     for bad in ("guest:0:1:0", "guest:4294967295:0:2", "guest:a:1:1", "forbid-guest:1:2:3",
