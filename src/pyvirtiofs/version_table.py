@@ -126,6 +126,8 @@ class VersionTable:
         # Views must be closed before they are collected (atomics refuses otherwise), also
         # when the process exits without close().
         self._finalizer = weakref.finalize(self, _close_views, self._views)
+        # Load the atomics C library now: after the sandbox's pivot_root its file is gone.
+        self.version(OVERFLOW_SLOT)
         self._slot_of: dict[int, int] = {}  # key -> slot, learnt once (a slot never moves)
 
     # -- atomics ----------------------------------------------------------------------------
@@ -200,6 +202,18 @@ class VersionTable:
 
     def bump_inode(self, dev: int, ino: int) -> int:
         return self.bump(self.slot(dev, ino))
+
+    def bump_all(self) -> int:
+        """Bump every claimed slot and the overflow slot (changes were missed, e.g. lost
+        inotify events); returns how many."""
+        n = 0
+        for s in range(self.nslots):
+            # A plain read of the key is enough: a slot claimed after we passed it got its
+            # first version after the events we are making up for.
+            if s == OVERFLOW_SLOT or struct.unpack_from("<Q", self._map, self._key_offset(s))[0]:
+                self.bump(s)
+                n += 1
+        return n
 
     # -- sharing ----------------------------------------------------------------------------
     def dup_fd(self) -> int:

@@ -95,6 +95,18 @@ def test_past_the_view_cache_words_still_work(table_path, monkeypatch):
         t.close()
 
 
+def test_bump_all_bumps_every_claimed_slot_and_the_overflow(table_path):
+    t = VersionTable(table_path, 64)
+    try:
+        slots = {t.slot(2, ino) for ino in range(10)}
+        assert t.bump_all() == len(slots) + 1
+        assert all(t.version(s) == 1 for s in slots) and t.version(vt.OVERFLOW_SLOT) == 1
+        unclaimed = set(range(64)) - slots - {vt.OVERFLOW_SLOT}
+        assert all(t.version(s) == 0 for s in unclaimed)
+    finally:
+        t.close()
+
+
 def test_not_a_table_is_refused(table_path):
     with open(table_path, "wb") as f:
         f.write(b"something else" * 1000)
