@@ -784,6 +784,33 @@ def _wait_for_sockets(shares: Sequence[Share], timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def write_initrd(path: Path, base: Path, script: str, shares: Sequence[Share] = (),
+                 hostroot: bool = False) -> str:
+    """Write the initrd of one run to ``path``: the cached ``base`` archive plus the run's
+    own (setup.sh mounting ``shares``, the script).  Returns the exit-status marker the guest
+    prints on the second serial port (see :func:`split_exit_status`).  Used by
+    :func:`run_guest`, and by tests whose guest another program (libvirt) starts."""
+    marker = "PYVFS-EXIT-" + secrets.token_hex(8)
+    frag = _Cpio()
+    frag.dir("pyvfs")
+    frag.file("pyvfs/setup.sh", _setup_script(shares, hostroot, marker).encode(), 0o755)
+    frag.file("pyvfs/cmd.sh", script.encode() + (b"" if script.endswith("\n") else b"\n"), 0o755)
+    with open(path, "wb") as f, open(base, "rb") as b:
+        shutil.copyfileobj(b, f)
+        f.write(frag.finish())
+    return marker
+
+
+def split_exit_status(raw_out: str, marker: str) -> tuple[int | None, str]:
+    """The script's exit status (None if the guest never reported it) and its output."""
+    idx = raw_out.rfind(marker + "=")
+    if idx >= 0:
+        m = re.match(r"=(\d+)", raw_out[idx + len(marker):])
+        if m:
+            return int(m.group(1)), raw_out[:idx]
+    return None, raw_out
+
+
 def run_guest(
     script: str,
     shares: Sequence[Share] = (),
@@ -833,20 +860,13 @@ def run_guest(
             raise GuestError(f"9p share {s.tag!r}: {s.ninep_dir} is not a directory")
     _wait_for_sockets(shares)
 
-    marker = "PYVFS-EXIT-" + secrets.token_hex(8)
     work_ctx = (contextlib.nullcontext(keep_dir) if keep_dir
                 else tempfile.TemporaryDirectory(prefix="pyvfs-guest-"))
     with work_ctx as wd:
         work = Path(wd)
         work.mkdir(parents=True, exist_ok=True)
-        frag = _Cpio()
-        frag.dir("pyvfs")
-        frag.file("pyvfs/setup.sh", _setup_script(shares, hostroot, marker).encode(), 0o755)
-        frag.file("pyvfs/cmd.sh", script.encode() + (b"" if script.endswith("\n") else b"\n"), 0o755)
         initrd = work / "initrd.img"
-        with open(initrd, "wb") as f, open(base, "rb") as b:
-            shutil.copyfileobj(b, f)
-            f.write(frag.finish())
+        marker = write_initrd(initrd, base, script, shares, hostroot)
         console_log, out_log, qemu_log = work / "console.log", work / "out.log", work / "qemu.log"
 
         if accel == "kvm":
@@ -925,14 +945,7 @@ def run_guest(
 
         console, raw_out, qlog = read(console_log), read(out_log), read(qemu_log)
 
-    status: int | None = None
-    output = raw_out
-    idx = raw_out.rfind(marker + "=")
-    if idx >= 0:
-        m = re.match(r"=(\d+)", raw_out[idx + len(marker):])
-        if m:
-            status = int(m.group(1))
-            output = raw_out[:idx]
+    status, output = split_exit_status(raw_out, marker)
     ready = None
     m = re.search(r"pyvfs: READY uptime=([\d.]+)", console)
     if m:
