@@ -146,8 +146,6 @@ class StartupError(Exception):
 def _refused(config: Config) -> list[str]:
     """Options that are set but not implemented (yet): refused rather than ignored."""
     out = [opt for name, opt in options.NOT_IMPLEMENTED.items() if getattr(config, name)]
-    if config.tag is not None:
-        out.append("--tag")
     return out
 
 
@@ -275,7 +273,8 @@ def _run(config: Config) -> int:
             shmem_sizes[version_table.SHMID] = table.size
         shmem = SharedMemory(shmem_sizes) if any(shmem_sizes) else None
         backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size,
-                                                  shmem=shmem, dax_policy=config.dax or "always"))
+                                                  shmem=shmem, dax_policy=config.dax or "always",
+                                                  tag=config.tag))
         backend.serve(conn)
     except SystemExit:
         log.info("stopping on signal")

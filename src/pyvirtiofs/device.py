@@ -17,9 +17,21 @@ from .vhost_user.shmem import SharedMemory
 HIPRIO_QUEUE = 0
 
 
+TAG_SIZE = 36
+
+
+def tag_bytes(tag: str) -> bytes:
+    """The tag as the config space holds it; ValueError if it cannot."""
+    raw = tag.encode()
+    if not raw or len(raw) > TAG_SIZE or b"\0" in raw:
+        raise ValueError(f"a tag is 1 to {TAG_SIZE} bytes (UTF-8) without NUL")
+    return raw
+
+
 class VirtioFsDevice(Device):
     def __init__(self, fs: FileSystem, num_request_queues: int = 255, thread_pool_size: int = 0,
-                 shmem: SharedMemory | None = None, dax_policy: str = "always"):
+                 shmem: SharedMemory | None = None, dax_policy: str = "always",
+                 tag: str | None = None):
         # We answer GET_QUEUE_NUM with the most we can serve; QEMU sets up as many as its
         # num-request-queues property asks for and leaves the rest untouched.  At most 256
         # queues in all: SET_VRING_KICK/CALL/ERR name their ring in 8 bits (vhost-user.rst),
@@ -41,6 +53,11 @@ class VirtioFsDevice(Device):
             else:
                 self.server.version_table_readable = lambda: False
         self.num_queues = 1 + num_request_queues
+        # struct virtio_fs_config: tag[36] (NUL-padded), num_request_queues (le32).  Only
+        # with a tag: the backend then offers the CONFIG protocol feature.
+        self.config_space = (None if tag is None else
+                             tag_bytes(tag).ljust(TAG_SIZE, b"\0")
+                             + num_request_queues.to_bytes(4, "little"))
         # Shared by the request queues; only used when a queue has several requests waiting.
         self.pool = (ThreadPoolExecutor(thread_pool_size, thread_name_prefix="pool")
                      if thread_pool_size > 0 else None)

@@ -81,6 +81,12 @@ def _table_slots(text: str) -> int:
     return parse_slots(text)
 
 
+def _tag(text: str) -> str:
+    from .device import tag_bytes
+    tag_bytes(text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, allow_abbrev=False,
                 usage=f"{PROG} --shared-dir DIR (--socket-path PATH | --fd N) [options]",
@@ -97,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give the socket to this group and let the group connect")
     where.add_argument("--fd", type=_non_negative, default=S,
                        help="an inherited, already listening socket instead of --socket-path")
-    where.add_argument("--tag", default=S, help="tag the device advertises (not implemented)")
+    where.add_argument("--tag", type=_grammar(_tag, "tag"), default=S,
+                       help="tag the device advertises in its config space (offers the "
+                            "vhost-user CONFIG feature, on which QEMU 7.1-8.0 crash)")
     where.add_argument("--readonly", action="store_true", default=S,
                        help="refuse every change with EROFS")
     cache = p.add_argument_group("caching and I/O")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -197,3 +198,31 @@ def test_cache_modes(start_daemon, cache, timeout, direct_io, keep_cache):
     o = c.open(e.nodeid, os.O_RDONLY)
     assert bool(o.open_flags & abi.FOPEN_DIRECT_IO) == direct_io
     assert bool(o.open_flags & abi.FOPEN_KEEP_CACHE) == keep_cache
+
+
+def test_tag_is_told_through_the_config_space(start_daemon):
+    from pyvirtiofs.testing.frontend import (DEFAULT_PROTOCOL_FEATURES, ProtoFeature, Req,
+                                             VhostUserError, _bit)
+    config = _bit(ProtoFeature.CONFIG)
+    # without --tag: no CONFIG (QEMU 7.1-8.0 crash on it)
+    plain = start_daemon().frontend(start=False)
+    assert not plain.backend_protocol_features & config
+    plain.close()
+    d = start_daemon(extra_args=["--tag=my-fs.1"])
+    fe = d.frontend(protocol_features=DEFAULT_PROTOCOL_FEATURES | config)
+    assert fe.protocol_features & config
+    head = struct.Struct("<III")
+    reply = fe.conn.call(Req.GET_CONFIG, head.pack(0, 40, 0) + bytes(40))
+    offset, size, _ = head.unpack_from(reply.payload)
+    space = reply.payload[head.size:]
+    assert (offset, size, len(space)) == (0, 40, 40)
+    assert space[:36] == b"my-fs.1".ljust(36, b"\0")
+    assert int.from_bytes(space[36:40], "little") >= 1  # request queues
+    part = fe.conn.call(Req.GET_CONFIG, head.pack(0, 7, 0) + bytes(7)).payload[head.size:]
+    assert part == b"my-fs.1"
+    with pytest.raises(VhostUserError):  # read-only
+        fe.conn.call(Req.SET_CONFIG, head.pack(0, 4, 0) + b"evil", need_reply=True)
+    c = FuseClient(fe)
+    c.init()  # and it serves as usual
+    (Path(d.shared_dir) / "f").write_text("x")
+    assert c.lookup(ROOT, "f").attr.size == 1

@@ -60,6 +60,10 @@ class VhostUserBackend:
         self.shmem: SharedMemory | None = shmem if shmem is not None and shmem.regions else None
         self.protocol_features = PROTOCOL_FEATURES | (SHMEM_PROTOCOL_FEATURES if self.shmem
                                                       else 0)
+        # The device's config space (virtio-fs: its tag), only when it has one to tell.
+        self.config_space: bytes | None = device.config_space
+        if self.config_space is not None:
+            self.protocol_features |= m.PF_CONFIG
         self._lock = threading.Lock()
         self._handlers = {}
         for req in m.Request:
@@ -215,6 +219,21 @@ class VhostUserBackend:
         if self.shmem is None:
             return m.SHMEM_CONFIG.pack(0, 0, *[0] * m.MAX_SHMEM_REGIONS)
         return self.shmem.config_reply()
+
+    def _get_config(self, msg):
+        if self.config_space is None:
+            raise BadMessage("no config space (CONFIG was not offered)")
+        if len(msg.payload) < m.CONFIG_HEAD.size:
+            raise BadMessage("short GET_CONFIG")
+        offset, size, flags = m.CONFIG_HEAD.unpack_from(msg.payload)
+        if offset + size > len(self.config_space):
+            raise BadMessage(f"GET_CONFIG of bytes {offset}..{offset + size} of a "
+                             f"{len(self.config_space)}-byte config space")
+        return (m.CONFIG_HEAD.pack(offset, size, flags)
+                + self.config_space[offset:offset + size])
+
+    def _set_config(self, msg):
+        raise BadMessage("the virtio-fs config space is read-only")
 
     def _get_queue_num(self, msg):
         return m.U64.pack(len(self.queues))

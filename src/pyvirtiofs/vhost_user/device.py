@@ -35,6 +35,10 @@ class Device:
     shmem: "SharedMemory | None" = None
     """VIRTIO shared memory regions; with some, the backend offers the SHMEM protocol feature."""
 
+    config_space: bytes | None = None
+    """The device's config space (GET_CONFIG); with one, the backend offers the CONFIG protocol
+    feature."""
+
     pool: Executor | None = None
     """Threads that serve requests waiting behind others on a queue (None: the queue's own)."""
 

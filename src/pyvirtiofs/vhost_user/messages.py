@@ -70,7 +70,7 @@ PF_MQ = 1 << 0
 PF_LOG_SHMFD = 1 << 1
 PF_REPLY_ACK = 1 << 3
 PF_BACKEND_REQ = 1 << 5
-PF_CONFIG = 1 << 9   # never offered: QEMU 7.1-8.0 crash on it for vhost-user-fs
+PF_CONFIG = 1 << 9   # offered only with --tag: QEMU 7.1-8.0 crash on it for vhost-user-fs
 PF_RESET_DEVICE = 1 << 13
 PF_CONFIGURE_MEM_SLOTS = 1 << 15
 PF_STATUS = 1 << 16
@@ -82,6 +82,7 @@ FLAG_REPLY = 1 << 2
 FLAG_NEED_REPLY = 1 << 3
 
 HEADER = struct.Struct("<III")          # request flags size
+CONFIG_HEAD = struct.Struct("<III")     # offset size flags, then the config bytes
 U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")      # index num
 VRING_ADDR = struct.Struct("<IIQQQQ")   # index flags desc used avail log
