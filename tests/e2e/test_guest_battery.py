@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shlex
 import stat
 import subprocess
@@ -1039,6 +1040,9 @@ def battery(request, start_daemon_module, tmp_path_factory) -> Battery:
     print(f"\nbattery against {daemon_name()} on Linux {bat.summary.get('release')}: QEMU wall {res.wall:.1f} s (harness overhead {time.monotonic() - t0 - res.wall:.1f} s"
           f"), script started at guest uptime {res.ready} s, checks {bat.summary.get('seconds')} s; "
           f"per check: {times}")
+    for line in bat.daemon_log.splitlines():
+        if "requests by opcode" in line or "stopped after" in line:
+            print(line)
     return bat
 
 
@@ -1066,6 +1070,12 @@ def test_battery_completed(battery: Battery) -> None:
     release = guestvm.prepare_kernel(kernel=battery.kernel).release
     assert battery.summary.get("release") == release, (battery.summary, release)
     assert battery.summary.get("cpus") == KERNEL_SETUPS[battery.kernel].get("smp", 1), battery.summary
+    if daemon_name() == "pyvirtiofsd" and KERNEL_SETUPS[battery.kernel].get("num_request_queues"):
+        # Linux >= 6.10 used every request queue it was given (one per CPU).
+        served = {int(q): int(n) for q, n in re.findall(r"queue (\d+) stopped after (\d+) requests",
+                                                       battery.daemon_log)}
+        queues = KERNEL_SETUPS[battery.kernel]["num_request_queues"]
+        assert all(served.get(q, 0) > 0 for q in range(1, queues + 1)), served
 
 
 def test_daemon_pidfile_and_exit_on_poweroff(start_daemon, tmp_path: Path) -> None:
