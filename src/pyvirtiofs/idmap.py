@@ -123,7 +123,7 @@ class MappedStat:
     cannot be copied with two fields changed)."""
     __slots__ = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
                  "st_blocks", "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
-                 "st_dev")
+                 "st_dev", "st_birthtime_ns")
 
     def __init__(self, st, uid: int, gid: int):
         self.st_ino = st.st_ino
@@ -139,3 +139,4 @@ class MappedStat:
         self.st_mtime_ns = st.st_mtime_ns
         self.st_ctime_ns = st.st_ctime_ns
         self.st_dev = st.st_dev
+        self.st_birthtime_ns = getattr(st, "st_birthtime_ns", None)  # from statx (STATX)

@@ -437,7 +437,7 @@ class PassthroughFs(FileSystem):
 
     def statx(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
-        return linux.statx(fd), self.cache.timeout
+        return self._guest_attr(linux.statx(fd)), self.cache.timeout
 
     def setattr(self, inode, fh, req: SetattrRequest, ctx):
         self._check_writable()

@@ -122,6 +122,20 @@ def test_owners_sent_back_are_guest_ids_in_lookup_getattr_and_readdirplus(mapped
     assert owners[b"h"] == (1009, 1005) and owners[b"u"] == (4242, 1000)
 
 
+def test_statx_owners_are_guest_ids_too(mapped):
+    """STATX (Linux >= 6.6) carries owners like GETATTR does, and keeps the birth time."""
+    share, srv = mapped
+    (share / "h").write_text("x")
+    os.chown(share / "h", 101009, 0)
+    c = DirectClient(srv)
+    nid, _, _ = entry_ids(c.call(Opcode.LOOKUP, 1, b"h\0"))
+    r = c.call(Opcode.STATX, nid, abi.STATX_IN.pack(0, 0, 0, 0, abi.STATX_BASIC_STATS | abi.STATX_BTIME))
+    assert r.error == 0, os.strerror(r.errno)
+    f = abi.STATX.unpack_from(r.body, abi.STATX_OUT_HEAD.size)
+    assert (f[4], f[5]) == (1009, 1005)  # uid, gid
+    assert f[0] & abi.STATX_BTIME and f[13] > 0  # mask, btime seconds
+
+
 def setattr_owner(c, nodeid, uid=None, gid=None):
     valid = (abi.FATTR_UID if uid is not None else 0) | (abi.FATTR_GID if gid is not None else 0)
     body = abi.SETATTR_IN.pack(valid, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, uid or 0, gid or 0, 0)
