@@ -308,3 +308,37 @@ def test_backend_channel_must_be_a_unix_stream_socket(rigs, datafile):
         b.close()
     r.shm.map(0, fd, 0, 0, PAGE)
     assert len(r.fe.shmem_regions[0].mappings()) == 1
+
+
+def test_frontend_region_is_fault_safe(tmp_path):
+    """The oracle itself: ShmemRegion checks the rules, and an access to an unmapped page, past
+    the end of the mapped file or (a write) to a read-only mapping raises FrontendError where a
+    plain load would kill the test process with SIGSEGV/SIGBUS."""
+    from pyvirtiofs.testing.frontend import ShmemRegion
+    p = tmp_path / "one-page"
+    p.write_bytes(b"A" * PAGE)
+    fd = os.open(p, os.O_RDWR)
+    region = ShmemRegion(0, 16 * PAGE)
+    try:
+        region.map(fd, 0, 0, 4 * PAGE, writable=False)       # 4 pages of a 1-page file
+        assert region.read(0, 4) == b"AAAA"
+        with pytest.raises(FrontendError):
+            region.read(PAGE, 1)                              # past the file's end: SIGBUS
+        with pytest.raises(FrontendError):
+            region.read(8 * PAGE, 1)                          # reserved, not mapped: SIGSEGV
+        with pytest.raises(FrontendError):
+            region.write(0, b"x")                             # read-only mapping
+        with pytest.raises(FrontendError):
+            region.read(16 * PAGE - 1, 2)                     # outside the region
+        for args in ((fd, 0, 2 * PAGE, PAGE, False),          # overlaps
+                     (fd, 0, 5 * PAGE, 100, False),           # not page aligned
+                     (fd, 0, 15 * PAGE, 2 * PAGE, False)):    # past the end
+            with pytest.raises(FrontendError):
+                region.map(*args)
+        with pytest.raises(FrontendError):
+            region.unmap(0, PAGE)                             # not a whole mapping
+        region.unmap(0, 4 * PAGE)
+        assert region.mappings() == []
+    finally:
+        region.release()
+        os.close(fd)
