@@ -5,7 +5,7 @@
                                              [--top 25] [--out bench/results/profile.txt]
 
 The daemon's own request path (``QueueWorker._drain``: pop a chain from the ring, decode,
-``FuseServer.handle`` -> ``PassthroughFs``, encode, used ring, interrupt) is run synchronously in
+``FuseServer.serve_request`` -> ``PassthroughFs``, encode, used ring, interrupt) is run synchronously in
 this process, on rings in a memfd that the load generator of ``daemon_bench.py`` fills with the
 same pre-built chains it sends to a real daemon.  No threads, no sockets: nothing but the
 request path is measured, and nothing else competes for the GIL.
@@ -68,7 +68,7 @@ class InProcess:
             vq.configure(self.mem, sq.desc_gpa, sq.avail_gpa, sq.used_gpa)
             vq.kick_fd, vq.call_fd, vq.err_fd = sq.kick_fd, sq.call_fd, sq.err_fd
             vq.enabled = True
-            self.workers[sq.index] = QueueWorker(vq, self.server.handle, f"vq{sq.index}")
+            self.workers[sq.index] = QueueWorker(vq, self.server.serve_request, f"vq{sq.index}")
         self.drain_ns = 0
         self.drv = B.Driver(ram, self.sq[1], self.sq[0], spin_us=0, seg_size=seg_size,
                             uid=os.getuid(), gid=os.getgid(), pid=os.getpid(),

@@ -148,7 +148,7 @@ class Target:
         self.unique += 2
         hdr = abi.IN_HEADER.pack(40 + len(body), opcode, self.unique, nodeid, 0, 0, 0, 0, 0)
         out = memoryview(bytearray(reply))
-        n = self.server.handle(DescriptorChain(0, [memoryview(bytearray(hdr + body))], [out]))
+        n = self.server.serve_request(DescriptorChain(0, [memoryview(bytearray(hdr + body))], [out]))
         return bytes(out[:n])
 
     def _init(self):
@@ -252,7 +252,7 @@ class Target:
 
     def _serve(self, chain: DescriptorChain, unique: int | None) -> int:
         cap = sum(len(v) for v in chain.writable)
-        n = self.server.handle(chain)
+        n = self.server.serve_request(chain)
         if n == DEFERRED:
             raise Crash("a reply was deferred although no completion callback was given")
         if not isinstance(n, int) or n < 0 or n > cap:

@@ -25,7 +25,7 @@ from .xattrmap import XattrMap
 from .passthrough import PassthroughFs
 from .vhost_user.shmem import SharedMemory
 from .virtqueue import ORDERING_IS_SAFE
-from .vhost_user.backend import VhostUserBackend
+from .vhost_user.backend import VhostUserSession
 
 log = logging.getLogger("pyvirtiofsd")
 SYSLOG_SOCKET = "/dev/log"
@@ -272,7 +272,7 @@ def _run(config: Config) -> int:
         if table is not None:
             shmem_sizes[version_table.SHMID] = table.size
         shmem = SharedMemory(shmem_sizes) if any(shmem_sizes) else None
-        backend = VhostUserBackend(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size,
+        backend = VhostUserSession(VirtioFsDevice(fs, thread_pool_size=config.thread_pool_size,
                                                   shmem=shmem, dax_policy=config.dax or "always",
                                                   tag=config.tag))
         backend.serve(conn)

@@ -43,8 +43,8 @@ class VirtioFsDevice(Device):
         self.dax = DaxWindow(shmem, 0) if has_window else None
         self.server = FuseServer(aio.for_server(fs), self.dax, dax_policy)
         # Coroutine methods wait in the aio pool, not on the queue's own thread.
-        self._handle = (aio.deferring(self.server.handle, DEFERRED) if aio.has_coroutines(fs)
-                        else self.server.handle)
+        self._handle = (aio.deferring(self.server.serve_request, DEFERRED) if aio.has_coroutines(fs)
+                        else self.server.serve_request)
         if fs.version_table is not None:
             # A guest reads the table in shared memory region 1: no region, no extension.
             if shmem is not None:

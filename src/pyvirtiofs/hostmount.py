@@ -46,8 +46,8 @@ class Mount:
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         fs = as_filesystem(fs)
         self.server = FuseServer(aio.for_server(fs))
-        self._handle = (aio.deferring(self.server.handle, DEFERRED) if aio.has_coroutines(fs)
-                        else self.server.handle)
+        self._handle = (aio.deferring(self.server.serve_request, DEFERRED) if aio.has_coroutines(fs)
+                        else self.server.serve_request)
         self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
             root = os.stat(self.mountpoint)

@@ -22,10 +22,10 @@ NOTIFY_EVERY = 32  # interrupt the guest at least this often while a batch is lo
 
 
 class QueueWorker:
-    def __init__(self, vq: Virtqueue, handle: Callable[..., int], name: str,
+    def __init__(self, vq: Virtqueue, handler: Callable[..., int], name: str,
                  cancel_pending: Callable[..., None] | None = None, pool=None):
         self.vq = vq
-        self.handle = handle
+        self.handler = handler  # the device's request handler for this queue
         self.cancel_pending = cancel_pending
         self.pool = pool  # a concurrent.futures executor, or None
         self._deferred = 0  # requests answered later, from other threads
@@ -93,8 +93,8 @@ class QueueWorker:
 
     def _pooled(self, chain: DescriptorChain) -> None:
         try:
-            n = self.handle(chain, self.complete)
-        except Exception:  # handle() answers errors itself; this is a bug of ours
+            n = self.handler(chain, self.complete)
+        except Exception:  # the handler answers errors itself; this is a bug of ours
             log.exception("queue %d: pooled request failed", self.vq.index)
             n = 0
         if n != DEFERRED:  # a waiting lock completes (and is counted) later
@@ -107,7 +107,7 @@ class QueueWorker:
 
     def _drain(self) -> None:
         vq = self.vq
-        handle = self.handle
+        handler = self.handler
         while True:
             pending = 0
             while True:
@@ -127,7 +127,7 @@ class QueueWorker:
                         self._deferred += 1
                     self.pool.submit(self._pooled, chain)
                     continue
-                n = handle(chain, self.complete)
+                n = handler(chain, self.complete)
                 if n == DEFERRED:
                     with self._cond:
                         self._deferred += 1

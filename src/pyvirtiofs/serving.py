@@ -17,7 +17,7 @@ from typing import Callable, Union
 from .device import VirtioFsDevice
 from .filesystem import FileSystem
 from .pathfs import PathAdapter, PathFileSystem
-from .vhost_user.backend import VhostUserBackend
+from .vhost_user.backend import VhostUserSession
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def serve_listener(fs: AnyFileSystem, listener: socket.socket, *, queues: int = 
     if on_connect is not None:
         on_connect(conn)
     device = VirtioFsDevice(as_filesystem(fs), num_request_queues=queues, thread_pool_size=thread_pool_size)
-    VhostUserBackend(device).serve(conn)
+    VhostUserSession(device).serve(conn)
 
 
 def serve(fs: AnyFileSystem, socket_path: str | os.PathLike[str], *, queues: int = 1,

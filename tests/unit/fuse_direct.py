@@ -29,7 +29,7 @@ class DirectClient:
         readable = [memoryview(bytearray(c)) for c in chunks_in]
         sizes = writable_split or [reply_size]
         writable = [memoryview(bytearray(n)) for n in sizes]
-        n = self.server.handle(DescriptorChain(0, readable, writable))
+        n = self.server.serve_request(DescriptorChain(0, readable, writable))
         out = b"".join(bytes(w) for w in writable)[:n]
         return out
 

@@ -571,7 +571,7 @@ def test_decoder_copies_only_what_it_needs(tmp_path):
                                  0, 0, 0, 0, 0)
         readable = [memoryview(bytearray(hdr + body))] + ([tail] if tail else [])
         out = memoryview(bytearray(8192))
-        return srv.handle(DescriptorChain(0, readable, [out]))
+        return srv.serve_request(DescriptorChain(0, readable, [out]))
 
     init = abi.INIT_IN.pack(7, 38, 0, abi.INIT_EXT) + struct.pack("<I", 0)
     try:

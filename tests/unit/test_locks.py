@@ -96,7 +96,7 @@ def test_setlkw_waits_off_the_queue_and_is_granted(setup):
         done.set()
 
     chain, writable = setlkw_chain(nodeid, 77, (fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK))
-    assert c.server.handle(chain, complete) == DEFERRED
+    assert c.server.serve_request(chain, complete) == DEFERRED
     # other requests are served meanwhile
     assert c.call(Opcode.GETATTR, nodeid, bytes(16)).error == 0
     assert not done.wait(0.2)
@@ -113,7 +113,7 @@ def test_setlkw_is_interruptible(setup):
     fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
     done = threading.Event()
     chain, writable = setlkw_chain(nodeid, 78, (fh, 9, 0, OFFSET_MAX, fcntl.F_WRLCK))
-    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    assert c.server.serve_request(chain, lambda h, n: done.set()) == DEFERRED
     assert c.call(Opcode.INTERRUPT, 0, struct.pack("<Q", 78)) is None
     assert done.wait(5)
     assert Reply(bytes(writable[0])).errno == errno.EINTR
@@ -127,10 +127,10 @@ def test_a_wait_that_would_deadlock_gets_edeadlk(setup):
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_WRLCK)).error == 0
     done = threading.Event()
     chain, writable = setlkw_chain(nodeid, 90, (fh, 1, 20, 29, fcntl.F_WRLCK))
-    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    assert c.server.serve_request(chain, lambda h, n: done.set()) == DEFERRED
     # owner 2 now waiting for [0,9] would close the cycle: EDEADLK at once
     chain2, w2 = setlkw_chain(nodeid, 91, (fh, 2, 0, 9, fcntl.F_WRLCK), head=4)
-    n = c.server.handle(chain2, lambda h, n: None)
+    n = c.server.serve_request(chain2, lambda h, n: None)
     assert n != DEFERRED and Reply(bytes(w2[0])[:n]).errno == errno.EDEADLK
     # owner 2 unlocks: owner 1's wait is granted
     assert c.call(Opcode.SETLK, nodeid, lk(fh, 2, 20, 29, fcntl.F_UNLCK)).error == 0
@@ -144,7 +144,7 @@ def test_closing_the_file_cancels_the_owners_waiting_lock(setup):
     fcntl.lockf(host, fcntl.LOCK_EX, 0, 0)
     done = threading.Event()
     chain, writable = setlkw_chain(nodeid, 79, (fh, 42, 0, OFFSET_MAX, fcntl.F_WRLCK))
-    assert c.server.handle(chain, lambda h, n: done.set()) == DEFERRED
+    assert c.server.serve_request(chain, lambda h, n: done.set()) == DEFERRED
     # the waiting process dies: its close sends FLUSH with its lock owner
     assert c.call(Opcode.FLUSH, nodeid, struct.pack("<QIIQ", fh, 0, 0, 42)).error == 0
     assert done.wait(5)

@@ -20,7 +20,7 @@ import pytest
 from pyvirtiofs.testing.frontend import (
     BackendReq, FrontendError, ProtoFeature, VirtioFsFrontend,
 )
-from pyvirtiofs.vhost_user.backend import VhostUserBackend
+from pyvirtiofs.vhost_user.backend import VhostUserSession
 from pyvirtiofs.vhost_user.device import Device
 from pyvirtiofs.vhost_user.shmem import SharedMemory, ShmemError
 
@@ -58,7 +58,7 @@ class Rig:
         self.listener.bind(self.path)
         self.listener.listen(1)
         self.device = ShmemDevice(sizes, timeout)
-        self.backend = VhostUserBackend(self.device)
+        self.backend = VhostUserSession(self.device)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
         self.fe = VirtioFsFrontend(self.path, **frontend_kw)

@@ -1,7 +1,7 @@
 """The FUSE server: decodes a request from a descriptor chain, calls the file system, encodes
 the reply into the chain's writable buffers.
 
-The guest is the remote peer.  Whatever it sends, :meth:`FuseServer.handle` returns normally:
+The guest is the remote peer.  Whatever it sends, :meth:`FuseServer.serve_request` returns normally:
 malformed requests get an errno reply (EINVAL, ENOSYS, ...), file system errors get theirs,
 and a bug of ours gets EIO plus a logged traceback, never a dead worker thread.
 """
@@ -38,7 +38,7 @@ class ProtocolError(Exception):
     """The request itself is malformed; answered with EINVAL."""
 
 
-class Request:
+class FuseRequest:
     """One request being served (a plain class: one is made per request)."""
     __slots__ = ("opcode", "unique", "nodeid", "ctx", "head", "complete", "ext_len")
 
@@ -183,7 +183,7 @@ class FuseServer:
                 self._handlers[int(op)] = h
 
     # -- entry point ----------------------------------------------------------------------
-    def handle(self, chain: DescriptorChain,
+    def serve_request(self, chain: DescriptorChain,
                complete: Callable[[int, int], None] | None = None) -> int:
         """Serve one request; returns the number of reply bytes written (0: no reply), or
         DEFERRED when the reply will be delivered later through ``complete(head, length)``."""
@@ -224,8 +224,8 @@ class FuseServer:
             return self._error(w, unique, errno.ENOSYS)
         if not self.initialized and opcode != _INIT:
             return self._error(w, unique, errno.EIO, "request before INIT")
-        req = Request(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete,
-                      ext_len)
+        req = FuseRequest(opcode, unique, nodeid, Context(uid, gid, pid), chain.head, complete,
+                          ext_len)
         try:
             n = handler(req, r, w)
         except FsError as e:

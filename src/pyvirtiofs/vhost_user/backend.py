@@ -8,7 +8,7 @@ hands them the backend channel.
 
 Frontend mistakes (wrong payload sizes, missing fds, rings outside memory, ...) are logged and
 answered with a failure where the protocol has a reply; a message we cannot even frame ends the
-connection.  Nothing the frontend sends raises out of :meth:`VhostUserBackend.serve`.
+connection.  Nothing the frontend sends raises out of :meth:`VhostUserSession.serve`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ _NEEDS_OWNER = {m.Request.SET_MEM_TABLE, m.Request.ADD_MEM_REG, m.Request.REM_ME
                 m.Request.SET_VRING_ERR, m.Request.SET_VRING_ENABLE, m.Request.SET_FEATURES}
 
 
-class VhostUserBackend:
+class VhostUserSession:
+    """One frontend's vhost-user session: its memory, rings and workers, driven by its control
+    messages.  (rust-vmm calls the device trait ``VhostUserBackend``; here that is
+    :class:`~pyvirtiofs.vhost_user.device.Device`.)"""
+
     def __init__(self, device: Device, name: str = "pyvirtiofs"):
         self.device = device
         self.name = name

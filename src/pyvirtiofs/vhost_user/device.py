@@ -27,7 +27,7 @@ RequestHandler = Callable[["DescriptorChain", Optional[Completion]], int]
 
 
 class Device:
-    """Base class of devices served by :class:`~pyvirtiofs.vhost_user.backend.VhostUserBackend`."""
+    """Base class of devices served by :class:`~pyvirtiofs.vhost_user.backend.VhostUserSession`."""
 
     num_queues: int = 1
     """How many virtqueues the device has (GET_QUEUE_NUM)."""
