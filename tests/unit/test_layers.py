@@ -40,3 +40,9 @@ def test_the_transport_does_not_import_fuse_or_file_systems():
 def test_the_check_sees_imports():
     mods = imported_modules(SRC / "fuse" / "server.py")
     assert "vhost_user.device" in mods and "filesystem" in mods
+
+
+def test_the_test_frontend_is_an_independent_oracle():
+    """testing/frontend.py encodes FUSE and vhost-user itself: it imports nothing of the
+    daemon, so a wrong layout on either side shows up as a disagreement."""
+    assert imported_modules(SRC / "testing" / "frontend.py") == set()
