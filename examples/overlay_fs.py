@@ -10,9 +10,6 @@ from pyvirtiofs.passthrough import PassthroughFs
 ROOT = Context(0, 0, 0)  # the overlay acts on both layers itself
 NOREPLACE = 1  # renameat2
 
-def attr_of(res):  # getattr answers an Entry (or, from PassthroughFs, (stat, timeout))
-    return res[0] if isinstance(res, tuple) else res.attr
-
 def is_whiteout(st):
     return st is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
@@ -37,7 +34,7 @@ class OverlayFs(pyvirtiofs.PathFileSystem):
     def stat(self, fs, path):
         try:
             with self.node(fs, path) as inode:
-                return attr_of(fs.getattr(inode, None, ROOT))
+                return fs.getattr(inode, None, ROOT).attr
         except (FsError, OSError):
             return None
 

@@ -433,11 +433,11 @@ class PassthroughFs(FileSystem):
 
     def getattr(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
-        return self._guest_attr(os.stat(fd)), self.cache.timeout
+        return Entry(inode, self._guest_attr(os.stat(fd)), attr_timeout=self.cache.timeout)
 
     def statx(self, inode, fh, ctx):
         fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
-        return self._guest_attr(linux.statx(fd)), self.cache.timeout
+        return Entry(inode, self._guest_attr(linux.statx(fd)), attr_timeout=self.cache.timeout)
 
     def setattr(self, inode, fh, req: SetattrRequest, ctx):
         self._check_writable()
@@ -486,7 +486,7 @@ class PassthroughFs(FileSystem):
                             spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
         if self.version_table is not None:
             self._bump(ino.key)
-        return self._guest_attr(os.stat(ino.fd)), self.cache.timeout
+        return Entry(inode, self._guest_attr(os.stat(ino.fd)), attr_timeout=self.cache.timeout)
 
     def readlink(self, inode, ctx):
         ino = self._inode(inode)

@@ -127,11 +127,6 @@ def encode_attr_out(attr, timeout: float, attr_flags: int = 0) -> bytes:
     return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr, attr_flags))
 
 
-def _attr_and_timeout(res) -> tuple:
-    """getattr/setattr answer an Entry; PassthroughFs still answers (attr, timeout)."""
-    return res if type(res) is tuple else (res.attr, res.attr_timeout)
-
-
 def encode_open(o: OpenResult) -> bytes:
     flags = ((abi.FOPEN_DIRECT_IO if o.direct_io else 0) | (abi.FOPEN_KEEP_CACHE if o.keep_cache else 0)
              | (abi.FOPEN_CACHE_DIR if o.cache_dir else 0))
@@ -417,7 +412,7 @@ class FuseServer:
         try:
             # The version is read before the attributes it vouches for: stat again after it.
             slot, version = self._version(entry.inode)
-            entry.attr, _ = self.fs.getattr(entry.inode, None, req.ctx)
+            entry.attr = self.fs.getattr(entry.inode, None, req.ctx).attr
             return self._reply(w, self._entry(entry) + abi.VERSION_OUT.pack(slot, version))
         except BaseException:
             self.fs.forget(entry.inode, 1)  # the guest never learns of this reference
@@ -461,18 +456,18 @@ class FuseServer:
         if self.flags & abi.PYVFS_VERSION_TABLE:
             slot, version = self._version(req.nodeid)  # before the stat (see _op_lookup)
             res = self.fs.getattr(req.nodeid, fh, req.ctx)
-            return self._reply(w, self._attr_out(*_attr_and_timeout(res))
+            return self._reply(w, self._attr_out(res.attr, res.attr_timeout)
                                + abi.VERSION_OUT.pack(slot, version))
-        return self._reply(w, self._attr_out(*_attr_and_timeout(
-            self.fs.getattr(req.nodeid, fh, req.ctx))))
+        res = self.fs.getattr(req.nodeid, fh, req.ctx)
+        return self._reply(w, self._attr_out(res.attr, res.attr_timeout))
 
     def _op_statx(self, req, r, w):
         # Linux >= 6.6 asks when a caller wants more than stat(2) gives (the birth time); it
         # uses the mask, the basic fields and btime.  Owner fields go through _attr_fields
         # like every other attribute reply.
         flags, _, fh, _sx_flags, _sx_mask = abi.STATX_IN.unpack(r.read(abi.STATX_IN.size))
-        attr, t = _attr_and_timeout(
-            self.fs.statx(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx))
+        res = self.fs.statx(req.nodeid, fh if flags & abi.GETATTR_FH else None, req.ctx)
+        attr, t = res.attr, res.attr_timeout
         (ino, size, blocks, at, mt, ct, atn, mtn, ctn, mode, nlink, uid, gid, rdev, blksize,
          _) = _attr_fields(attr)
         mask = abi.STATX_BASIC_STATS
@@ -507,8 +502,8 @@ class FuseServer:
         elif valid & abi.FATTR_MTIME:
             s.mtime_ns = mtime * 1_000_000_000 + mtimens
         s.kill_suidgid = bool(valid & abi.FATTR_KILL_SUIDGID)
-        return self._reply(w, self._attr_out(*_attr_and_timeout(self.fs.setattr(
-            req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx))))
+        res = self.fs.setattr(req.nodeid, fh if valid & abi.FATTR_FH else None, s, req.ctx)
+        return self._reply(w, self._attr_out(res.attr, res.attr_timeout))
 
     def _op_readlink(self, req, r, w):
         return self._reply(w, self.fs.readlink(req.nodeid, req.ctx))
