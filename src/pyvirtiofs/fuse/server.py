@@ -779,7 +779,7 @@ class FuseServer:
         if kill_sgid and name == b"system.posix_acl_access":
             # The guest's caller may not keep setgid (not in the group, no CAP_FSETID); the
             # host sees the daemon set the ACL, so it would keep the bit: drop it here.
-            attr, _ = self.fs.getattr(req.nodeid, None, req.ctx)
+            attr = self.fs.getattr(req.nodeid, None, req.ctx).attr
             if attr.st_mode & 0o2000:
                 self.fs.setattr(req.nodeid, None, SetattrRequest(mode=attr.st_mode & 0o5777),
                                 req.ctx)
