@@ -227,6 +227,7 @@ def test_two_guests_share_one_tree(guest_ready, short_tmp):
         assert "Traceback" not in d.log, (key, d.log[-5000:])
 
     b = results["b"].output
+    print(b)  # the times guest b took to see a's changes under auto (pytest -s shows them)
     for line in ("b never write: True", "b never rename: True", "b never remove: True",
                  "b auto first read: True True", "b lock while a holds: busy",
                  "b blocking lock waited for a: True"):
