@@ -245,12 +245,18 @@ def _run(config: Config) -> int:
         cleanup.append((dfd, os.path.basename(pid_path)))
     try:
         if config.sandbox == "namespace":
-            if os.geteuid() != 0:  # rootless: the namespaces need a user namespace first
-                sandbox.enter_user_namespace()
+            rootless = os.geteuid() != 0
+            if rootless:  # the other namespaces need a user namespace first
+                sandbox.enter_user_namespace(config.uid_map, config.gid_map)
             child = sandbox.fork_into_pid_namespace()
             if child:
                 listener.close()
                 return _supervise(child, cleanup)
+            if not rootless and (config.uid_map or config.gid_map):
+                # libvirt's maps, as root: the supervisor stays root outside (it removes the
+                # socket and pid file), the server becomes the root of the namespace
+                sandbox.enter_user_namespace(config.uid_map, config.gid_map)
+            fs.privileged = os.geteuid() == 0  # may create files as the guest's users
             fs.reopen_proc_fd()
         sandbox.enter(config.sandbox, config.shared_dir)
         sandbox.drop_capabilities(keep_caps)
@@ -312,6 +318,10 @@ def _remove(entries: list[tuple[int, str]]) -> None:
             os.unlink(name, dir_fd=dfd)
         except FileNotFoundError:
             pass
+        except PermissionError:
+            # the server under --uid-map is no longer the user who made it: the
+            # supervisor, which is, removes it when the server ends
+            log.debug("%s stays until the supervisor removes it", name)
 
 
 if __name__ == "__main__":

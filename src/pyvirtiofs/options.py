@@ -26,7 +26,7 @@ CAPABILITIES = {"type": "fs", "features": []}
 
 #: Options the daemon parses but does not implement yet: Config field -> how it is spelled.
 #: main() refuses any of them that is set, with a one-line error, rather than ignore it.
-NOT_IMPLEMENTED = {"uid_map": "--uid-map", "gid_map": "--gid-map"}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 
@@ -337,6 +337,9 @@ def _check(c: Config, given: dict) -> None:
         raise UsageError("--socket-path and --fd exclude each other")
     if c.socket_path == "":
         raise UsageError("--socket-path: empty path")
+    if (c.uid_map or c.gid_map) and c.sandbox != "namespace":
+        raise UsageError("--uid-map/--gid-map map the ids of the namespace sandbox: they need "
+                         "--sandbox=namespace")
     needs_xattr = [o for o, on in (("--posix-acl", c.posix_acl),
                                    ("--security-label", c.security_label),
                                    ("--xattrmap", c.xattrmap is not None)) if on]

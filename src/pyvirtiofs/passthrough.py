@@ -163,7 +163,8 @@ class PassthroughFs(FileSystem):
                                          posix_acl=posix_acl, security_label=security_label,
                                          submounts=announce_submounts)
         self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
-        self._is_root = os.geteuid() == 0
+        # Root may create files as the guest's users (fsuid); the sandbox may change it.
+        self.privileged = os.geteuid() == 0
         if inode_file_handles not in ("never", "prefer", "mandatory"):
             raise ValueError(f"--inode-file-handles={inode_file_handles}: never, prefer or "
                              "mandatory")
@@ -375,7 +376,7 @@ class PassthroughFs(FileSystem):
     def _as(self, ctx: Context):
         """Create files as the guest user: per-thread fsuid/fsgid (root daemons only)."""
         uid, gid = self._host_ids(ctx.uid, ctx.gid) if self._map_ids else (ctx.uid, ctx.gid)
-        if not self._is_root or (uid == 0 and gid == 0):
+        if not self.privileged or (uid == 0 and gid == 0):
             yield
             return
         linux.setfsgid(gid)

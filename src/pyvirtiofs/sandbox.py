@@ -66,20 +66,116 @@ CLONE_NEWUSER = 0x10000000
 _in_user_namespace = False
 
 
-def enter_user_namespace() -> None:
-    """For an ordinary user: a new user namespace in which the process holds the
-    capabilities the namespace sandbox needs (mount, pivot_root, a PID namespace), over
-    nothing but what the user owns.  Its uid and gid are mapped to themselves, so files keep
-    being created as the user.  Call while single-threaded."""
+def enter_user_namespace(uid_map=(), gid_map=()) -> None:
+    """A new user namespace in which the process holds the capabilities the namespace
+    sandbox needs (mount, pivot_root, a PID namespace) over nothing but what its ids own.
+
+    Without maps (an ordinary user): its uid and gid are mapped to themselves, so files keep
+    being created as the user.  With ``uid_map``/``gid_map`` (:class:`NamespaceIdRange`
+    lists, libvirt's ``--uid-map``/``--gid-map``) those ranges are mapped, by writing the maps
+    as root or through newuidmap/newgidmap (package uidmap, /etc/subuid) as an ordinary user,
+    and the process becomes the namespace's root when 0 is mapped: files are then created as
+    the host id mapped to 0, and as the mapped ids of the guest's users.  Call while
+    single-threaded."""
     global _in_user_namespace
     uid, gid = os.geteuid(), os.getegid()
-    check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:  # setgroups first: gid_map needs it
-            f.write(text)
+    uid_lines = [(r.inside, r.outside, r.count) for r in uid_map] or [(uid, uid, 1)]
+    gid_lines = [(r.inside, r.outside, r.count) for r in gid_map] or [(gid, gid, 1)]
+    # Only a process outside the new namespace may map ids other than its own: a helper
+    # forked before unshare does it (root writes the maps, others run newuidmap/newgidmap).
+    helper = _IdMapHelper(uid_lines, gid_lines) if uid_map or gid_map else None
+    try:
+        check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    except BaseException:
+        if helper is not None:
+            helper.cancel()
+        raise
+    if helper is not None:
+        helper.run()
+    else:  # its own ids: the process may write that itself
+        for name, text in (("setgroups", "deny"), ("uid_map", _map_text(uid_lines)),
+                           ("gid_map", _map_text(gid_lines))):
+            with open(f"/proc/self/{name}", "w") as f:  # setgroups first: gid_map needs it
+                f.write(text)
+    if any(inside == 0 for inside, _, _ in uid_lines) and \
+            any(inside == 0 for inside, _, _ in gid_lines):
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
     _in_user_namespace = True
-    log.info("sandbox: user namespace, uid %d and gid %d mapped to themselves", uid, gid)
+    log.info("sandbox: user namespace, uid map %s, gid map %s", _map_text(uid_lines, ", "),
+             _map_text(gid_lines, ", "))
+
+
+def _map_text(lines, sep="\n") -> str:
+    return sep.join(f"{a} {b} {c}" for a, b, c in lines)
+
+
+class _IdMapHelper:
+    """A child forked before unshare(CLONE_NEWUSER) that, once told, maps ids for its parent
+    from outside the new namespace: as root by writing /proc/PID/uid_map and gid_map, as an
+    ordinary user with newuidmap and newgidmap (which check /etc/subuid and /etc/subgid)."""
+
+    def __init__(self, uid_lines, gid_lines):
+        privileged = os.geteuid() == 0
+        if not privileged:
+            import shutil
+            missing = [p for p in ("newuidmap", "newgidmap") if shutil.which(p) is None]
+            if missing:
+                raise SandboxError(f"--uid-map/--gid-map need {' and '.join(missing)} "
+                                   "(package uidmap) when not run as root")
+        # /proc/self as the host's procfs numbers it (this may be a PID namespace already)
+        proc = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        host_pid = os.readlink("/proc/self")
+        r, self._go = os.pipe()
+        self._why, why_w = os.pipe()  # what newuidmap/newgidmap said, for the error
+        self.pid = os.fork()
+        if self.pid == 0:  # the helper
+            code = 1
+            try:
+                os.close(self._go)
+                os.close(self._why)
+                if os.read(r, 1) == b"x":
+                    if privileged:
+                        for name, lines in (("uid_map", uid_lines), ("gid_map", gid_lines)):
+                            fd = os.open(name, os.O_WRONLY, dir_fd=proc)
+                            try:
+                                os.write(fd, _map_text(lines).encode())
+                            finally:
+                                os.close(fd)
+                        code = 0
+                    else:
+                        code = 0
+                        for prog, lines in (("newuidmap", uid_lines),
+                                            ("newgidmap", gid_lines)):
+                            argv = [prog, host_pid] + [str(v) for ln in lines for v in ln]
+                            child = os.posix_spawnp(
+                                prog, argv, dict(os.environ),
+                                file_actions=[(os.POSIX_SPAWN_DUP2, why_w, 2)])
+                            _, st = os.waitpid(child, 0)
+                            if os.waitstatus_to_exitcode(st) != 0:
+                                code = 1
+                                break
+            finally:
+                os._exit(code)
+        os.close(r)
+        os.close(why_w)
+        os.close(proc)
+
+    def run(self) -> None:
+        os.write(self._go, b"x")
+        os.close(self._go)
+        _, st = os.waitpid(self.pid, 0)
+        why = os.read(self._why, 4096).decode(errors="replace").strip().replace("\n", "; ")
+        os.close(self._why)
+        if os.waitstatus_to_exitcode(st) != 0:
+            raise SandboxError("--uid-map/--gid-map refused" + (f" ({why})" if why else "")
+                               + "; as an ordinary user the ranges must be in /etc/subuid and "
+                               "/etc/subgid")
+
+    def cancel(self) -> None:
+        os.close(self._go)  # the helper reads EOF and exits
+        os.close(self._why)
+        os.waitpid(self.pid, 0)
 
 
 def enter(mode: str, shared_dir: str) -> None:

@@ -103,3 +103,39 @@ def test_rootless_chroot_is_refused_with_one_line(share):
     r = subprocess.run(d.argv, capture_output=True, text=True, timeout=30, env=daemon_env())
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "needs root" in r.stderr, r.stderr
+
+
+def test_uid_and_gid_maps_as_root(share):
+    """libvirt's <idmap>: --uid-map/--gid-map put the server in a user namespace whose root
+    is host id 100000; what the guest's root creates belongs to 100000, what its user 1000
+    creates to 101000, and the server has no power over host root's files."""
+    base = 100000
+    os.chown(share, base, base)
+    os.chmod(share, 0o777)  # guest user 1000 may create in it
+    secret = share / "secret"
+    secret.write_text("root only\n")
+    os.chmod(secret, 0o600)
+    d = Daemon(share, extra_args=(f"--uid-map=:0:{base}:65536:", f"--gid-map=:0:{base}:65536:"))
+    d.argv = [a for a in d.argv if a != "--sandbox=none"]
+    d.start()
+    try:
+        c = d.client()
+        (child,) = daemon_children(d.pid)
+        assert status_field(child, "Uid").split() == [str(base)] * 4
+        assert status_field(d.pid, "Uid").split() == ["0"] * 4  # the supervisor stays root
+        e, o = c.create(ROOT, "by-guest-root", mode=0o644)
+        c.release(e.nodeid, o.fh)
+        c.uid = c.gid = 1000  # requests from the guest's user 1000
+        c.mkdir(ROOT, "by-guest-user", 0o755)
+        c.uid = c.gid = 0
+        e2 = c.lookup(ROOT, "secret")
+        with pytest.raises(OSError) as err:
+            c.open(e2.nodeid, os.O_RDONLY)
+        assert err.value.errno == 13
+    finally:
+        d.finish()
+    st = (share / "by-guest-root").stat()
+    assert (st.st_uid, st.st_gid) == (base, base)
+    st = (share / "by-guest-user").stat()
+    assert (st.st_uid, st.st_gid) == (base + 1000, base + 1000)
+    assert not os.path.exists(d.socket_path)  # the supervisor cleaned up as root
