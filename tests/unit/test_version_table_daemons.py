@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from pyvirtiofs.testing.frontend import FuseError
+from pyvirtiofs.testing.frontend import FuseClient, FuseError
 from pyvirtiofs.testing.version_client import TableView, VersionedClient
 
 
@@ -233,3 +233,23 @@ def test_bad_version_table_option_is_a_clear_error(tmp_path):
                             "--sandbox=none", *args], capture_output=True, text=True,
                            env=daemon_env(), timeout=60)
         assert p.returncode == status and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_after_a_device_reset_the_table_is_mapped_again(start_daemon, tmp_path, table_path):
+    shared = tmp_path / "tree"
+    shared.mkdir()
+    (shared / "f").write_bytes(b"1")
+    c = start_daemon(shared, extra_args=(f"--version-table={table_path}",)).client(
+        init=False, shmem=True)
+    VersionedClient.init(c)
+    region = c.fe.shmem_regions[1]
+    assert region.mapping_at(0) is not None
+    c.fe.reset_device()  # the frontend drops every mapping
+    assert region.mapping_at(0) is None
+    c.fe.start()
+    c2 = FuseClient(c.fe)
+    VersionedClient.init(c2)  # negotiated again: the daemon mapped the table again
+    view = TableView.from_region(c.fe.shmem_regions[1])
+    b = VersionedClient(c2, view)
+    assert b.stat("f").size == 1
+    view.close()
