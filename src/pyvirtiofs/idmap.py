@@ -119,24 +119,14 @@ class IdMap:
 
 
 class MappedStat:
-    """An attribute set whose owner fields are shown in the guest's ids (os.stat_result
-    cannot be copied with two fields changed)."""
-    __slots__ = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                 "st_blocks", "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
-                 "st_dev", "st_birthtime_ns")
+    """Attributes (an os.stat_result, a statx result, ...) with the owner fields shown in
+    the guest's ids; every other field is the wrapped object's."""
+    __slots__ = ("_st", "st_uid", "st_gid")
 
     def __init__(self, st, uid: int, gid: int):
-        self.st_ino = st.st_ino
-        self.st_mode = st.st_mode
-        self.st_nlink = st.st_nlink
+        self._st = st
         self.st_uid = uid
         self.st_gid = gid
-        self.st_rdev = st.st_rdev
-        self.st_size = st.st_size
-        self.st_blocks = st.st_blocks
-        self.st_blksize = st.st_blksize
-        self.st_atime_ns = st.st_atime_ns
-        self.st_mtime_ns = st.st_mtime_ns
-        self.st_ctime_ns = st.st_ctime_ns
-        self.st_dev = st.st_dev
-        self.st_birthtime_ns = getattr(st, "st_birthtime_ns", None)  # from statx (STATX)
+
+    def __getattr__(self, name: str):
+        return getattr(self._st, name)

@@ -174,3 +174,21 @@ def test_command_line_refuses_overlapping_rules_in_one_line():
     c = options.parse(["--shared-dir=/", "--socket-path=/tmp/s",
                        "--translate-uid=squash-host/0/1000/1"])  # any separator
     assert IdMap(c.translate_uid).to_guest(0) == 1000
+
+
+def test_statx_owners_are_guest_ids_too(mapped):
+    share, srv = mapped
+    (share / "s").write_text("x")
+    os.chown(share / "s", 101002, 201003)
+    c = DirectClient(srv)
+    nid, _, _ = entry_ids(c.call(Opcode.LOOKUP, 1, b"s\0"))
+    r = c.call(Opcode.STATX, nid, struct.pack("<IIQII", 0, 0, 0, 0, 0xFFF))
+    assert r.error == 0, os.strerror(r.errno)
+    # fuse_statx (after fuse_statx_out's head): uid and gid follow mask, blksize,
+    # attributes and nlink
+    uid, gid = struct.unpack_from("<II", r.body, abi.STATX_OUT_HEAD.size + 20)
+    assert (uid, gid) == (1002, 1003)
+    fields = abi.STATX.unpack_from(r.body, abi.STATX_OUT_HEAD.size)
+    mask, btime = fields[0], fields[13]
+    # the birth time survives the translation (the host's ext4 or tmpfs keeps one)
+    assert mask & abi.STATX_BTIME and btime > 0, (hex(mask), btime)
