@@ -16,6 +16,7 @@ command -v zstd >/dev/null || need+=(zstd)   # the Linux 6.12 guest kernel is zs
 # the ACL and xattr tools the identity guest test runs inside the guest (the host's root)
 command -v setfacl >/dev/null || need+=(acl)
 command -v setfattr >/dev/null || need+=(attr)
+command -v newuidmap >/dev/null || need+=(uidmap)   # --uid-map as an ordinary user (unit/test_uid_map.py)
 # libvirt (a real client, tests/e2e/test_libvirt.py); the test starts libvirtd and virtlogd
 { command -v virsh >/dev/null && [ -x /usr/sbin/libvirtd ]; } || need+=(libvirt-daemon-system libvirt-clients)
 if [ ${#need[@]} -gt 0 ]; then
