@@ -118,8 +118,6 @@ KERNELS = {
         "fs/netfs/netfs", "net/9p/9pnet", "net/9p/9pnet_virtio", "fs/9p/9p")),
 }
 DEFAULT_KERNEL = "6.1"
-#: The 6.1 module list, kept for callers of earlier versions.
-GUEST_MODULES = KERNELS["6.1"].modules
 
 
 def guest_kernel(name: str | None = None) -> GuestKernel:
