@@ -253,3 +253,31 @@ def test_after_a_device_reset_the_table_is_mapped_again(start_daemon, tmp_path, 
     b = VersionedClient(c2, view)
     assert b.stat("f").size == 1
     view.close()
+
+
+def test_changes_racing_stats_never_leave_a_stale_cache(pair):
+    """While daemon A changes a file as fast as it can, B stats it in a loop; once A stops,
+    B's next stat shows A's last change: every bump lands, none is lost between the two
+    daemons, and B never keeps attributes older than the version it holds."""
+    import threading
+    shared, a, b, _ = pair
+    node = a.lookup(1, "f").nodeid
+    b.stat("f")
+    done = threading.Event()
+    modes = [0o600 | (i % 64) for i in range(400)]
+
+    def changer():
+        for m in modes:
+            a.setattr(node, mode=m)
+        done.set()
+
+    t = threading.Thread(target=changer)
+    t.start()
+    stats = 0
+    while not done.is_set():
+        b.stat("f")
+        stats += 1
+    t.join()
+    assert stat.S_IMODE(b.stat("f").mode) == modes[-1]
+    assert os.stat(shared / "f").st_mode & 0o7777 == modes[-1]
+    assert stats > 10  # the two really overlapped
