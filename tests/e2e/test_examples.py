@@ -5,6 +5,7 @@ leaves, without a traceback."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -25,8 +26,10 @@ def serve_example(name: str, script: str, tmp: Path, *args: str, hostroot: bool 
     """Run examples/NAME.py on a socket, boot a guest that runs ``script`` in the mount, and
     return the script's output."""
     sock = str(tmp / f"{name}.sock")
+    env = dict(daemon_env(), PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / f"{name}.py"), sock, *args],
-                            env=daemon_env(), stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True)
+    failure = None
     try:
         for _ in range(200):
             if Path(sock).exists() or proc.poll() is not None:
@@ -35,9 +38,18 @@ def serve_example(name: str, script: str, tmp: Path, *args: str, hostroot: bool 
         res = guestvm.run_guest(script, [guestvm.Share("ex", socket=sock)], daemons=[proc],
                                 hostroot=hostroot, timeout=300)
         rc = proc.wait(20)  # the example returns when the VM leaves
+    except (guestvm.GuestError, subprocess.TimeoutExpired) as e:
+        failure = e
+        if proc.poll() is None:  # a hung example: show where its threads are
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
-        proc.kill()
+        proc.kill()  # nothing left to do when it has exited already
         err = proc.communicate()[1]
+    assert failure is None, f"{failure}\n--- {name}'s stderr ---\n{err}"
     assert rc == 0 and "Traceback" not in err, f"{name} exited {rc}:\n{err}"
     assert res.status == 0, res.output
     return res.output
