@@ -144,6 +144,7 @@ class HandleTable(Generic[V]):
             return self._items.pop(fh, None)
 
     def clear(self) -> None:
+        """Forget every handle (the guest unmounted)."""
         with self._lock:
             self._items.clear()
 

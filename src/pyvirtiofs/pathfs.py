@@ -46,6 +46,7 @@ class PathFileSystem:
         raise FsError(errno.ENOSYS)
 
     def readlink(self, path: str) -> str:
+        """The target of the symbolic link ``path``."""
         raise FsError(errno.ENOSYS)
 
     def open(self, path: str, flags: int) -> Any:
@@ -57,12 +58,15 @@ class PathFileSystem:
         raise FsError(errno.EROFS)
 
     def read(self, path: str, fh: Any, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
         raise FsError(errno.ENOSYS)
 
     def write(self, path: str, fh: Any, offset: int, data: bytes) -> int:
+        """Write ``data`` at ``offset``; return the number of bytes written."""
         raise FsError(errno.EROFS)
 
     def truncate(self, path: str, length: int, fh: Any = None) -> None:
+        """Set the size of ``path`` (``fh``: the handle, when the guest truncates one)."""
         raise FsError(errno.EROFS)
 
     def flush(self, path: str, fh: Any) -> None:
@@ -75,21 +79,27 @@ class PathFileSystem:
         """The last descriptor of ``fh`` is closed (``path`` is None if it was removed)."""
 
     def mkdir(self, path: str, mode: int) -> None:
+        """Create the directory ``path`` (``mode``: permission bits, umask applied)."""
         raise FsError(errno.EROFS)
 
     def mknod(self, path: str, mode: int, rdev: int) -> None:
+        """Create a regular file, device, FIFO or socket (``mode`` includes the type)."""
         raise FsError(errno.EROFS)
 
     def symlink(self, path: str, target: str) -> None:
+        """Create the symbolic link ``path`` -> ``target``."""
         raise FsError(errno.EROFS)
 
     def link(self, path: str, new_path: str) -> None:
+        """Give the file ``path`` a second name, ``new_path``."""
         raise FsError(errno.EROFS)
 
     def unlink(self, path: str) -> None:
+        """Remove the name ``path`` (not a directory)."""
         raise FsError(errno.EROFS)
 
     def rmdir(self, path: str) -> None:
+        """Remove the empty directory ``path`` (ENOTEMPTY otherwise)."""
         raise FsError(errno.EROFS)
 
     def rename(self, old: str, new: str, flags: int) -> None:
@@ -98,6 +108,7 @@ class PathFileSystem:
         raise FsError(errno.EROFS)
 
     def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of ``path``."""
         raise FsError(errno.EROFS)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
@@ -109,6 +120,7 @@ class PathFileSystem:
         raise FsError(errno.EROFS)
 
     def statfs(self, path: str) -> StatFs:
+        """Sizes and counts for statfs(2); the default reports nothing used and nothing free."""
         return StatFs()
 
 

@@ -256,3 +256,21 @@ def test_mypy_is_clean_on_the_public_api():
                                  "--no-error-summary", "--cache-dir=/dev/null",
                                  "--python-version", "3.11", *files])
     assert status == 0, out + err
+
+
+def test_every_public_definition_is_documented():
+    import inspect
+    missing = []
+    for name in pyvirtiofs.__all__:
+        obj = getattr(pyvirtiofs, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if not (obj.__doc__ or "").strip():
+            missing.append(name)
+        if inspect.isclass(obj) and not issubclass(obj, int):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") or not inspect.isfunction(member):
+                    continue
+                if not inspect.getdoc(getattr(obj, attr)):  # an override may inherit its doc
+                    missing.append(f"{name}.{attr}")
+    assert not missing, missing
