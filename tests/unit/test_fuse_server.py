@@ -101,6 +101,20 @@ def test_unimplemented_operations_of_a_custom_fs_get_enosys(share):
     assert c.call(Opcode.LOOKUP, 1, b"x\0").errno == errno.ENOSYS
 
 
+def test_an_oserror_without_errno_is_eio_and_logged(share, caplog):
+    # e.g. a C library that cannot be loaded any more after the sandbox: not the guest's
+    # doing, so it must be visible in the log, not only as the guest's EIO
+    class Broken(FileSystem):
+        def getattr(self, inode, fh, ctx):
+            raise OSError("cannot load libfoo.so")
+
+    c = DirectClient(FuseServer(Broken()))
+    c.init()
+    with caplog.at_level("ERROR"):
+        assert c.call(Opcode.GETATTR, 1, bytes(16)).errno == errno.EIO
+    assert "internal error serving GETATTR" in caplog.text and "libfoo" in caplog.text
+
+
 @pytest.mark.parametrize("hdr_len", [0, 39, 40 + 3, 1 << 31])
 def test_header_len_disagreeing_with_chain_is_einval(client, hdr_len):
     r = client.call(Opcode.LOOKUP, 1, b"x\0", hdr_len=hdr_len)

@@ -226,6 +226,8 @@ class FuseServer:
         except FsError as e:
             return self._error(w, unique, e.errno)
         except OSError as e:
+            if e.errno is None:  # not a failed system call (e.g. a library that failed to load)
+                log.exception("internal error serving %s", _opname(opcode))
             return self._error(w, unique, e.errno or errno.EIO)
         except (ProtocolError, EOFError) as e:
             return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
