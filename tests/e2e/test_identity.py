@@ -11,7 +11,11 @@ Four daemons serve four shares:
 * ``acl``: ``--posix-acl``: ``setfacl``/``getfacl`` in the guest, ACLs honoured for other
   users, default ACLs inherited (and the umask ignored under them);
 * ``sub``: the daemon runs in a private mount namespace with a tmpfs mounted below the share;
-  the guest sees that directory as a mount of its own, with its own st_dev.
+  the guest sees that directory as a mount of its own, with its own st_dev;
+* ``label``: ``--security-label`` (with ``--modcaps=+sys_admin``: ``security.*`` needs it on
+  the host): the guest boots with SELinux as its security module (no policy loaded, so it
+  labels new files ``unlabeled``) and every file it creates carries that context as its
+  ``security.selinux`` on the host.
 
 The guest runs the host's setpriv, setfacl, getfacl, setfattr and getfattr (scripts/setup.sh
 installs Debian's ``acl`` and ``attr``).
@@ -77,6 +81,9 @@ say sub.dev_differs "$([ "$(stat -c %d .)" != "$(stat -c %d mnt/.)" ] && echo ye
 say sub.mounted "$(grep -c ' /mnt/sub/mnt virtiofs ' /proc/mounts)"
 echo from-guest > mnt/written && say sub.readback "$(cat mnt/written)"
 say sub.dev_plain_dir "$([ "$(stat -c %d .)" = "$(stat -c %d plaindir/.)" ] && echo same || echo differs)"
+
+cd /mnt/label
+touch file && mkdir dir && ln -s file link && mkfifo fifo && echo label.created=yes
 echo done
 """
 
@@ -93,11 +100,11 @@ def _pyvirtiofsd(sock: str, shared: Path, *opts: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(guest_ready, short_tmp):
     tmp = Path(short_tmp) / "identity"
-    shares = {n: tmp / n for n in ("ids", "xmap", "acl", "sub")}
+    shares = {n: tmp / n for n in ("ids", "xmap", "acl", "sub", "label")}
     for d in shares.values():
         d.mkdir(parents=True)
         os.chmod(d, 0o777)
-    ids, xmap, acl, sub = shares.values()
+    ids, xmap, acl, sub, label = shares.values()
     (ids / "hostfile").write_text("host\n")
     os.chown(ids / "hostfile", 101005, 201005)
     os.chmod(ids / "hostfile", 0o600)
@@ -125,11 +132,15 @@ def run(guest_ready, short_tmp):
                  f"echo inner > {shlex.quote(str(sub / 'mnt' / 'inside'))} && exec "
                  + shlex.join(_pyvirtiofsd(socks["sub"], sub, "--announce-submounts"))],
                 socks["sub"]),
+        _daemon(_pyvirtiofsd(socks["label"], label, "--security-label", "--modcaps=+sys_admin"),
+                socks["label"]),
     ]
     try:
         res = guestvm.run_guest(textwrap.dedent(GUEST),
                                 [guestvm.Share(n, socket=socks[n]) for n in shares],
-                                hostroot=True, daemons=daemons, timeout=600)
+                                hostroot=True, daemons=daemons, timeout=600,
+                                # a security module that hands FUSE a context for new files
+                                extra_append="security=selinux")
         codes = []
         for d in daemons:
             try:
@@ -205,3 +216,11 @@ def test_submount_has_its_own_st_dev(run):
     assert out["sub.inside"] == "inner"
     assert out["sub.readback"] == "from-guest"
     assert out["sub.dev_plain_dir"] == "same"
+
+
+def test_new_files_carry_the_guests_security_context(run):
+    label = run["shares"]["label"]
+    assert run["out"].get("label.created") == "yes", run["res"].output
+    for name in ("file", "dir", "link", "fifo"):
+        value = os.getxattr(label / name, "security.selinux", follow_symlinks=False)
+        assert value.rstrip(b"\0") == b"unlabeled", (name, value)
