@@ -6,6 +6,7 @@ on the socket, serves one frontend connection and exits when it disconnects.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -237,9 +238,15 @@ def _run(config: Config) -> int:
         pid_path = path + ".pid"
         cleanup = [(dfd, os.path.basename(path))]
         try:
-            with open(pid_path, "w") as f:
+            # Written whole under a temporary name, then renamed: whoever waits for the pid
+            # file (virtme-ng, libvirt, tests) never reads it empty.
+            tmp_path = f"{pid_path}.{os.getpid()}.tmp"
+            with open(tmp_path, "w") as f:
                 f.write(f"{os.getpid()}\n")
+            os.rename(tmp_path, pid_path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
             _remove(cleanup)
             raise StartupError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
         cleanup.append((dfd, os.path.basename(pid_path)))
