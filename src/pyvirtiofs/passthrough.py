@@ -481,8 +481,7 @@ class PassthroughFs(FileSystem):
                 if ns is None:
                     return (0, linux.UTIME_OMIT)
                 return divmod(ns, 1_000_000_000)
-            if ino.is_symlink:
-                raise FsError(errno.EOPNOTSUPP)
+            # /proc/self/fd/N names the inode itself, a symlink included (touch -h)
             linux.utimensat(self._proc_fd, str(ino.fd).encode(),
                             spec(req.atime_now, req.atime_ns), spec(req.mtime_now, req.mtime_ns))
         if self.version_table is not None:

@@ -354,6 +354,35 @@ def setattr_times(d):
     return out
 
 
+@case()
+def setattr_symlink(d):
+    """A symlink's own times (touch -h) and owner (lchown); its target keeps its own."""
+    j = os.path.join
+    write(j(d, "target"), b"t")
+    os.utime(j(d, "target"), ns=(7_000_000_000, 8_000_000_000))
+    os.symlink("target", j(d, "l"))
+    os.symlink("nowhere", j(d, "dangling"))
+    r = [E(os.utime, j(d, "l"), ns=(1_000_000_123, 2_000_000_456), follow_symlinks=False)]
+    st = os.lstat(j(d, "l"))
+    r.append([st.st_atime_ns, st.st_mtime_ns])
+    r.append(E(os.utime, j(d, "dangling"), ns=(3_000_000_000, 4_000_000_000),
+               follow_symlinks=False))
+    r.append(os.lstat(j(d, "dangling")).st_mtime_ns)
+    before = time.time_ns()
+    r.append(E(os.utime, j(d, "dangling"), None, follow_symlinks=False))  # UTIME_NOW
+    r.append(os.lstat(j(d, "dangling")).st_mtime_ns >= before - 2_000_000_000)
+    r.append(E(os.lchown, j(d, "l"), 123, 456))
+    r.append(own(j(d, "l")))
+    r.append(E(os.lchown, j(d, "l"), -1, 789))
+    r.append(own(j(d, "l")))
+    st = os.stat(j(d, "target"))
+    r.append([st.st_atime_ns, st.st_mtime_ns, st.st_uid, st.st_gid])
+    r.append(as_user(1000, 1000, lambda: [
+        E(os.utime, j(d, "dangling"), ns=(5, 6), follow_symlinks=False),
+        E(os.lchown, j(d, "dangling"), 1000, 1000)]))
+    return r
+
+
 # ---------------------------------------------------------------- links and renames
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
