@@ -373,16 +373,19 @@ class PassthroughFs(FileSystem):
             raise FsError(errno.EROFS)
 
     @contextmanager
-    def _as(self, ctx: Context):
-        """Create files as the guest user: per-thread fsuid/fsgid (root daemons only)."""
+    def _as(self, ctx: Context, parent: _Inode):
+        """Create files in ``parent`` as the guest user: per-thread fsuid/fsgid (root daemons
+        only).  Yields the parent's fd, opened before the switch: a non-zero fsuid clears
+        CAP_DAC_READ_SEARCH, which opening a file handle (--inode-file-handles) needs."""
+        dfd = parent.fd
         uid, gid = self._host_ids(ctx.uid, ctx.gid) if self._map_ids else (ctx.uid, ctx.gid)
         if not self.privileged or (uid == 0 and gid == 0):
-            yield
+            yield dfd
             return
         linux.setfsgid(gid)
         linux.setfsuid(uid)
         try:
-            yield
+            yield dfd
         finally:
             linux.setfsuid(0)
             linux.setfsgid(0)
@@ -497,8 +500,8 @@ class PassthroughFs(FileSystem):
     def symlink(self, parent, name, target, ctx):
         self._check_writable()
         p = self._inode(parent)
-        with self._as(ctx):
-            os.symlink(target, name, dir_fd=p.fd)
+        with self._as(ctx, p) as dfd:
+            os.symlink(target, name, dir_fd=dfd)
         self._label_new(p, name, ctx)
         return self._created(p, name)
 
@@ -506,12 +509,12 @@ class PassthroughFs(FileSystem):
         self._check_writable()
         p = self._inode(parent)
         perm = self._creation_mode(p, mode, ctx)
-        with self._as(ctx):
+        with self._as(ctx, p) as dfd:
             if stat.S_ISREG(mode):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
-                                 perm, dir_fd=p.fd))
+                                 perm, dir_fd=dfd))
             else:
-                os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=p.fd)
+                os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dfd)
         self._label_new(p, name, ctx)
         return self._created(p, name)
 
@@ -519,8 +522,8 @@ class PassthroughFs(FileSystem):
         self._check_writable()
         p = self._inode(parent)
         perm = self._creation_mode(p, mode, ctx)
-        with self._as(ctx):
-            os.mkdir(name, perm, dir_fd=p.fd)
+        with self._as(ctx, p) as dfd:
+            os.mkdir(name, perm, dir_fd=dfd)
         self._label_new(p, name, ctx)
         return self._created(p, name)
 
@@ -678,8 +681,8 @@ class PassthroughFs(FileSystem):
         flags = (self._open_flags(flags, keep=os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC)
         perm = self._creation_mode(p, mode, ctx)
-        with self._as(ctx):
-            fd = os.open(name, flags, perm, dir_fd=p.fd)
+        with self._as(ctx, p) as dfd:
+            fd = os.open(name, flags, perm, dir_fd=dfd)
         try:
             self._label_new(p, name, ctx, fd)
             entry = self._entry(p, name)
@@ -699,8 +702,8 @@ class PassthroughFs(FileSystem):
         if not flags & (os.O_WRONLY | os.O_RDWR):
             flags |= os.O_RDWR
         perm = self._creation_mode(p, mode, ctx)
-        with self._as(ctx):
-            fd = os.open(str(p.fd), flags | os.O_CLOEXEC, perm, dir_fd=self._proc_fd)
+        with self._as(ctx, p) as dfd:
+            fd = os.open(str(dfd), flags | os.O_CLOEXEC, perm, dir_fd=self._proc_fd)
         try:
             entry = self._entry_from_fd(os.open(str(fd), os.O_PATH | os.O_CLOEXEC,
                                                 dir_fd=self._proc_fd))

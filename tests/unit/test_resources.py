@@ -64,3 +64,26 @@ def test_inode_file_handles_need_no_fd_per_inode(start_daemon, tmp_path, mode):
     assert (shared / "moved").exists()
     assert len(c.listdir(dirent.nodeid)) >= 300
     assert len(os.listdir(f"/proc/{d.pid}/fd")) < 60
+
+
+@pytest.mark.parametrize("mode", ["never", "mandatory"])
+def test_guest_users_create_files_with_inode_file_handles(start_daemon, tmp_path, mode):
+    """A guest user (not root) creates files, directories, nodes and symlinks, owned by that
+    user.  With file handles the parent is opened from its handle: before the daemon takes
+    the user's fsuid, which drops the capability open_by_handle_at needs (once EPERM)."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: the daemon creates files as the guest's uid", pytrace=False)
+    shared = tmp_path / "shared"
+    (shared / "dir").mkdir(parents=True)
+    os.chmod(shared / "dir", 0o777)
+    d = start_daemon(shared, extra_args=[f"--inode-file-handles={mode}"])
+    c = d.client(client_kwargs={"uid": 1000, "gid": 1000})
+    parent = c.lookup(1, "dir").nodeid
+    entry, opened = c.create(parent, "file", 0o644)
+    c.release(entry.nodeid, opened.fh)
+    c.mkdir(parent, "sub", 0o755)
+    c.mknod(parent, "fifo", 0o010644)
+    c.symlink(parent, "link", "file")
+    for name in ("file", "sub", "fifo", "link"):
+        st = os.lstat(shared / "dir" / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1000), name
