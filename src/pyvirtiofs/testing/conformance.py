@@ -579,7 +579,11 @@ def data_mmap_shared(d):
     p = os.path.join(d, "f")
     write(p, b"\0" * 8192)
     fd = os.open(p, os.O_RDWR)
-    m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+    try:
+        m = mmap.mmap(fd, 8192, mmap.MAP_SHARED)
+    except OSError as e:
+        os.close(fd)
+        return ["mmap", errno.errorcode[e.errno]]
     m[100:105] = b"MMAP!"
     m.flush()
     seen = os.pread(fd, 5, 100)
