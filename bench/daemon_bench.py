@@ -28,9 +28,10 @@ daemon), and the "null" workload (a request with an unknown opcode, answered ENO
 floor of a round trip through each daemon: the transport (rings, kick, interrupt) and the FUSE
 decode/encode with no file system work.
 
-Daemons run as: pyvirtiofsd --sandbox=none; Rust virtiofsd --sandbox none (seccomp default on);
-C virtiofsd -o sandbox=chroot (the namespace sandbox forks, chroot does not; its seccomp filter
-is always on); all with cache=auto, thread pools off (their defaults), --rlimit-nofile=1000000.
+Every daemon runs with the same settings (bench/daemon_settings.py), passed explicitly and
+recorded in the JSON: --sandbox chroot --seccomp kill (the one confinement all three support;
+the C virtiofsd's seccomp filter is always on), cache=auto, no thread pool,
+--rlimit-nofile=1000000 (or the machine's hard limit).
 
 The JSON goes to --out, a PNG beside it (needs matplotlib: ``.venv/bin/pip install -r
 bench/requirements.txt``; without it the table and the JSON are still written).
@@ -64,6 +65,10 @@ for p in (str(REPO / "src"), str(REPO)):
 
 from pyvirtiofs.testing import frontend as F  # noqa: E402
 from tests import peers  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import daemon_settings  # noqa: E402
+import tables  # noqa: E402
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -151,8 +156,10 @@ class Daemon:
     """One daemon process serving ``shared`` on a socket in ``workdir``."""
 
     def __init__(self, kind: str, shared: str, workdir: str, cpu: int | None, tag: str = "",
-                 nofile: int = 1000000):
+                 nofile: int = 1000000,
+                 settings: daemon_settings.DaemonSettings = daemon_settings.DaemonSettings()):
         self.kind = kind
+        self.settings = settings
         self.nofile = nofile
         self.shared = shared
         d = tempfile.mkdtemp(prefix=f"bench-{kind}-", dir="/tmp")   # short sun_path
@@ -179,18 +186,7 @@ class Daemon:
         self.pid = self.proc.pid
 
     def command(self, kind: str) -> list[str]:
-        s, d = self.socket_path, self.shared
-        if kind == "py":
-            return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={s}",
-                    f"--shared-dir={d}", "--sandbox=none", "--cache=auto",
-                    f"--rlimit-nofile={self.nofile}", "--log-level=warn"]
-        if kind == "rust":
-            return peers.peer_command("rust", peers.find_rust_virtiofsd(), s, d, "auto",
-                                      [f"--rlimit-nofile={self.nofile}"])
-        if kind == "c":
-            return peers.peer_command("c", peers.find_c_virtiofsd(), s, d, "auto",
-                                      ["-o", "sandbox=chroot", f"--rlimit-nofile={self.nofile}"])
-        raise ValueError(kind)
+        return daemon_command(kind, self.socket_path, self.shared, self.nofile, self.settings)
 
     def log(self) -> str:
         try:
@@ -214,6 +210,23 @@ class Daemon:
             os.killpg(self.proc.pid, signal.SIGKILL)    # leftovers of a forking daemon
         self._logf.close()
         shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+def daemon_command(kind: str, socket_path: str, shared: str, nofile: int,
+                   settings: daemon_settings.DaemonSettings) -> list[str]:
+    """The daemon's command line: socket, directory, the shared settings, the fd limit."""
+    opts = settings.options(kind)
+    if kind == "py":
+        return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={socket_path}",
+                f"--shared-dir={shared}", *opts, f"--rlimit-nofile={nofile}",
+                "--log-level=warn"]
+    if kind == "rust":
+        return [peers.find_rust_virtiofsd(), f"--socket-path={socket_path}",
+                f"--shared-dir={shared}", *opts, f"--rlimit-nofile={nofile}"]
+    if kind == "c":
+        return [peers.find_c_virtiofsd(), f"--socket-path={socket_path}", "-o",
+                f"source={shared}", *opts, f"--rlimit-nofile={nofile}"]
+    raise ValueError(kind)
 
 
 # ----------------------------------------------------------------------------------------
@@ -955,7 +968,8 @@ def run_daemon(kind: str, cfg, workdir: str) -> dict:
     log(f"[{kind}] data set ready in {time.monotonic() - t:.1f}s")
     res: dict = {"daemon": kind, "label": LABEL[kind], "workloads": {}}
     try:
-        dm = Daemon(kind, shared, workdir, cfg.daemon_cpu, nofile=cfg.nofile)
+        dm = Daemon(kind, shared, workdir, cfg.daemon_cpu, nofile=cfg.nofile,
+                    settings=cfg.settings)
         try:
             drv = Driver.connect(dm.socket_path, queue_size=cfg.queue_size,
                                  ram_size=cfg.ram_size, spin_us=cfg.spin_us,
@@ -965,6 +979,7 @@ def run_daemon(kind: str, cfg, workdir: str) -> dict:
                            "max_pages": init.max_pages, "flags": hex(init.flags)}
             res["pid_tree"] = proc_tree(dm.pid)
             res["argv"] = dm.argv
+            res["settings"] = cfg.settings.record()
             sess = Session(drv, dm.pid, cfg)
             for name in cfg.workloads:
                 _, label, fn, args = WL_INDEX[name]
@@ -984,7 +999,8 @@ def run_daemon(kind: str, cfg, workdir: str) -> dict:
             dm.stop()
         res["log_tail"] = dm.log()[-2000:]
         if cfg.mem_files:
-            dm = Daemon(kind, shared, workdir, cfg.daemon_cpu, tag="-mem", nofile=cfg.nofile)
+            dm = Daemon(kind, shared, workdir, cfg.daemon_cpu, tag="-mem", nofile=cfg.nofile,
+                        settings=cfg.settings)
             try:
                 drv = Driver.connect(dm.socket_path, queue_size=cfg.queue_size,
                                      ram_size=16 * MiB, spin_us=cfg.spin_us,
@@ -1222,11 +1238,17 @@ def main(argv=None) -> int:
                     help="record py-spy profiles of pyvirtiofsd (small-request workloads) in DIR")
     ap.add_argument("--profile-all", action="store_true", help="profile the 1 MiB ones too")
     ap.add_argument("--profile-rate", type=int, default=500)
+    daemon_settings.add_arguments(ap)
     cfg = ap.parse_args(argv)
     kinds = [k.strip() for k in cfg.daemons.split(",") if k.strip()]
+    cfg.settings = daemon_settings.from_arguments(cfg, cache="auto")
     for k in kinds:
         if k not in DAEMON_KINDS:
             ap.error(f"unknown daemon {k!r}")
+        try:
+            cfg.settings.check(k)
+        except daemon_settings.UnsupportedSettings as e:
+            ap.error(str(e))
     cfg.workloads = [w.strip() for w in cfg.workloads.split(",") if w.strip()]
     for w in cfg.workloads:
         if w not in WL_INDEX:
@@ -1274,6 +1296,7 @@ def main(argv=None) -> int:
     Measure.cpus = None if cfg.placement == "free" else cfg.cpus_used
     workdir = tempfile.mkdtemp(prefix="daemon-bench-", dir=cfg.base_dir)
     rounds: dict = {k: [] for k in kinds}
+    loadavg_start = os.getloadavg()
     t0 = time.monotonic()
     try:
         for rnd in range(cfg.repeat):
@@ -1286,6 +1309,8 @@ def main(argv=None) -> int:
     results = {k: median_of(rounds[k]) for k in kinds}
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
+        "commit": tables.git_commit(REPO), "cpu_model": tables.cpu_model(),
+        "settings": cfg.settings.record(),
         "kernel": platform.release(), "python": platform.python_version(), "cpus": ncpu,
         "placement": cfg.placement, "cpus_used": cfg.cpus_used, "quick": q,
         "repeat": cfg.repeat, "duration_s": cfg.duration,
@@ -1294,7 +1319,8 @@ def main(argv=None) -> int:
         "mem_files": cfg.mem_files, "mem_files_requested": cfg.mem_files_requested,
         "rlimit_nofile": cfg.nofile, "dir_entries": cfg.dir_entries,
         "base_dir": cfg.base_dir or tempfile.gettempdir(),
-        "loadavg_end": os.getloadavg(), "wall_s": round(time.monotonic() - t0, 1),
+        "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg(),
+        "wall_s": round(time.monotonic() - t0, 1),
     }
     out = {"meta": meta, "daemons": results}
     with open(cfg.out, "w") as f:

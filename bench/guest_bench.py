@@ -8,9 +8,13 @@ real Linux guest sees them.
 ONE guest boot (QEMU, TCG unless $PYVIRTIOFS_ACCEL=kvm, 1 vCPU by default, 2 GiB) mounts three
 shares whose host directories hold IDENTICAL trees:
 
-* ``pyv``   pyvirtiofsd  ``python -m pyvirtiofs --socket-path=S --shared-dir=D --cache=auto``
-* ``rust``  Rust virtiofsd 1.13.2  ``--socket-path=S --shared-dir=D --sandbox none --cache auto``
+* ``pyv``   pyvirtiofsd  ``python -m pyvirtiofs --socket-path=S --shared-dir=D OPTIONS``
+* ``rust``  Rust virtiofsd 1.13.2  ``--socket-path=S --shared-dir=D OPTIONS``
 * ``ninep`` QEMU's virtio-9p, mounted ``trans=virtio,version=9p2000.L,msize=512000,cache=mmap``
+
+OPTIONS are the same for both daemons (bench/daemon_settings.py), recorded in the JSON:
+``--sandbox=chroot --seccomp=kill --cache=auto --thread-pool-size=0`` unless --sandbox,
+--seccomp or --thread-pool-size say otherwise.
 
 The guest root is the host's ``/`` (read-only, over 9p), so the host's fio, tar, find, du, git
 and python3 run inside the guest.  A Python driver (embedded below, standard library only)
@@ -72,6 +76,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import daemon_settings  # noqa: E402  (OPTIONS: the same sandbox, seccomp, cache for both)
 
 SHARES = ("pyv", "rust", "ninep")
 LABELS = {"pyv": "pyvirtiofsd", "rust": "Rust virtiofsd", "ninep": "9p"}
@@ -582,6 +588,18 @@ def tail_progress(path: Path, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+def daemon_argv(share: str, sock: str, shared_dir: str,
+                settings: daemon_settings.DaemonSettings, rust_bin: str | None) -> list[str]:
+    """A virtiofs share's daemon command line, with the settings every daemon gets."""
+    if share == "pyv":
+        return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
+                f"--shared-dir={shared_dir}", *settings.options("py")]
+    if share == "rust":
+        return [rust_bin or "virtiofsd", f"--socket-path={sock}", f"--shared-dir={shared_dir}",
+                *settings.options("rust")]
+    raise ValueError(share)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (~3 min)")
@@ -605,7 +623,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--timeout", type=float, default=None, help="guest timeout in seconds")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "guest.json"))
+    daemon_settings.add_arguments(ap)
     a = ap.parse_args(argv)
+    settings = daemon_settings.from_arguments(a, cache="auto")
 
     names = [n.strip() for n in a.shares.split(",") if n.strip()]
     for n in names:
@@ -663,12 +683,7 @@ def main(argv=None) -> int:
                                     mount_opts=f"cache={a.ninep_cache}"))
                 continue
             sock = str(sockdir / f"{n}.sock")
-            if n == "pyv":
-                argv = [sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
-                        f"--shared-dir={d}", "--cache=auto"]
-            else:
-                argv = [rust_bin, f"--socket-path={sock}", f"--shared-dir={d}",
-                        "--sandbox", "none", "--cache", "auto"]
+            argv = daemon_argv(n, sock, d, settings, rust_bin)
             argvs[n] = argv
             env = dict(os.environ)
             env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"]
@@ -728,7 +743,8 @@ def main(argv=None) -> int:
         daemon_logs = {}
         for n, d in daemons.items():
             text = d.log
-            daemon_logs[n] = {"argv": argvs[n], "exit_status": d.returncode,
+            daemon_logs[n] = {"argv": argvs[n], "settings": settings.record(),
+                              "exit_status": d.returncode,
                               "findings": log_findings(text)[-50:],
                               "tail": text.splitlines()[-30:], "bytes": len(text)}
         qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
@@ -747,6 +763,7 @@ def main(argv=None) -> int:
             "accel": os.environ.get("PYVIRTIOFS_ACCEL", "tcg"), "qemu": qemu,
             "fio": fio_version, "rust_virtiofsd": rust_version,
             "python_daemon": platform.python_version(), "repo_rev": git_rev,
+            "settings": settings.record(),
             "ninep_mount": f"trans=virtio,version=9p2000.L,msize=512000,cache={a.ninep_cache}",
             "virtiofs_cache": "auto", "quick": a.quick, "reps": reps, "order": order,
             "file_mib": file_mib, "files": nfiles, "rand_ios": rand_ios,

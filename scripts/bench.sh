@@ -5,9 +5,16 @@
 # e.g.  scripts/bench.sh --quick            (about a minute)
 #       scripts/bench.sh                    (full: 1 GiB file, 3 s a workload; a few minutes)
 #       scripts/bench.sh --daemons py,rust --out /tmp/x.json
-# Results: bench/results/daemon.json and daemon.png (unless --out says otherwise).
+# Results: bench/results/daemon.json and daemon.png (unless --out says otherwise), and the
+# README's table (bench/tables.py).  --render-only: only the table, from the committed results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --render-only: rewrite the README's bench:daemon block from the committed
+# bench/results/daemon.json (bench/tables.py), run nothing, install nothing.
+if [ "${1:-}" = --render-only ]; then
+  py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+  exec "$py" bench/tables.py daemon
+fi
 bash scripts/setup.sh
 if [ bench/requirements.txt -nt .venv/.bench-installed ] || [ ! -e .venv/.bench-installed ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
@@ -25,4 +32,10 @@ if [[ $want == *,c,* ]] && [ ! -x /usr/lib/qemu/virtiofsd ]; then
   echo "bench: /usr/lib/qemu/virtiofsd is missing (apt-get install qemu-system-common)" >&2
   exit 1
 fi
-exec .venv/bin/python bench/daemon_bench.py "$@"
+.venv/bin/python bench/daemon_bench.py "$@"
+# The README's table shows bench/results/daemon.json only: a run written elsewhere (--out)
+# leaves it alone.
+case " $* " in
+  *" --out"*) echo "bench: results written to --out; README.md left as it is" >&2 ;;
+  *) .venv/bin/python bench/tables.py daemon ;;
+esac
