@@ -1297,6 +1297,7 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="daemon-bench-", dir=cfg.base_dir)
     rounds: dict = {k: [] for k in kinds}
     loadavg_start = os.getloadavg()
+    commit = tables.git_commit(REPO)     # the code that runs, before anything can change it
     t0 = time.monotonic()
     try:
         for rnd in range(cfg.repeat):
@@ -1309,7 +1310,7 @@ def main(argv=None) -> int:
     results = {k: median_of(rounds[k]) for k in kinds}
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
-        "commit": tables.git_commit(REPO), "cpu_model": tables.cpu_model(),
+        "commit": commit, "cpu_model": tables.cpu_model(),
         "settings": cfg.settings.record(),
         "kernel": platform.release(), "python": platform.python_version(), "cpus": ncpu,
         "placement": cfg.placement, "cpus_used": cfg.cpus_used, "quick": q,

@@ -78,6 +78,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import daemon_settings  # noqa: E402  (OPTIONS: the same sandbox, seccomp, cache for both)
+import tables  # noqa: E402
 
 SHARES = ("pyv", "rust", "ninep")
 LABELS = {"pyv": "pyvirtiofsd", "rust": "Rust virtiofsd", "ninep": "9p"}
@@ -658,6 +659,7 @@ def main(argv=None) -> int:
     sockdir = Path(tempfile.mkdtemp(prefix="pvgb-", dir="/tmp"))
     log(f"work directory {work}")
     t_start = time.monotonic()
+    commit = tables.git_commit(REPO)     # the code that runs, before anything can change it
     try:
         trees = prepare_trees(work, names)
         log(f"trees: {trees['stdlib']} -> {trees['tar_files']} files, "
@@ -763,7 +765,7 @@ def main(argv=None) -> int:
             "accel": os.environ.get("PYVIRTIOFS_ACCEL", "tcg"), "qemu": qemu,
             "fio": fio_version, "rust_virtiofsd": rust_version,
             "python_daemon": platform.python_version(), "repo_rev": git_rev,
-            "settings": settings.record(),
+            "settings": settings.record(), "commit": commit,
             "ninep_mount": f"trans=virtio,version=9p2000.L,msize=512000,cache={a.ninep_cache}",
             "virtiofs_cache": "auto", "quick": a.quick, "reps": reps, "order": order,
             "file_mib": file_mib, "files": nfiles, "rand_ios": rand_ios,

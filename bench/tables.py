@@ -234,7 +234,8 @@ def render_daemon(res: dict) -> str:
         b = rust["workloads"].get(w)
         if b is None:
             continue
-        data = bool(a.get("gb_per_s")) and a["unit"] != "request" and a["gb_per_s"] > 0.05
+        # large requests are shown as GB/s, small ones as operations/s
+        data = bool(a.get("gb_per_s")) and a["gb_per_s"] * 1e9 / a["ops_per_s"] >= 65536
         if data:
             name, ta, tb, dig = f"{a['label']} (GB/s)", a["gb_per_s"], b["gb_per_s"], 2
         else:
