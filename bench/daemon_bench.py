@@ -1141,7 +1141,7 @@ def table(results: dict, kinds: list[str], client_key: str = "client_cpu_us_per_
     return "\n".join(lines)
 
 
-def plot(results: dict, kinds: list[str], path: str) -> bool:
+def plot(results: dict, kinds: list[str], path: str, subtitle: str = "") -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1158,18 +1158,36 @@ def plot(results: dict, kinds: list[str], path: str) -> bool:
     width = 0.8 / len(kinds)
     x = range(len(wl))
 
-    def bars(ax, key, title, log_scale=False, rel=False):
+    def rel_spread(k, w, key, rounds_key):
+        """(median, low, high) of the per-round ratios k/ref (rounds interleave the
+        daemons); the median round's ratio when there is one round."""
+        a, b = results[k]["workloads"].get(w), results[ref]["workloads"].get(w)
+        if not a or not b:
+            return None
+        rs = [x / y for x, y in zip(a.get(rounds_key, []), b.get(rounds_key, [])) if y]
+        if len(rs) < 2:
+            rs = [a[key] / b[key]] if b.get(key) else []
+        if not rs:
+            return None
+        rs.sort()
+        return rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2, \
+            rs[0], rs[-1]
+
+    def bars(ax, key, title, log_scale=False, rel=None):
         for j, k in enumerate(kinds):
-            ys = []
+            ys, lo, hi = [], [], []
             for w in wl:
                 r = results[k]["workloads"].get(w[0])
                 v = r.get(key) if r else None
                 if rel and v is not None:
-                    b = results[ref]["workloads"].get(w[0], {}).get(key)
-                    v = v / b if b else None
+                    m = rel_spread(k, w[0], key, rel)
+                    v, lo_, hi_ = m if m else (0, 0, 0)
+                    lo.append(v - lo_)
+                    hi.append(hi_ - v)
                 ys.append(v or 0)
             ax.bar([i + (j - (len(kinds) - 1) / 2) * width for i in x], ys, width,
-                   label=LABEL[k], color=colors.get(k))
+                   label=LABEL[k], color=colors.get(k),
+                   yerr=[lo, hi] if rel else None, capsize=2 if rel else 0)
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -1177,11 +1195,13 @@ def plot(results: dict, kinds: list[str], path: str) -> bool:
             ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
 
-    bars(axes[0][0], "ops_per_s", f"Throughput relative to {LABEL[ref]} (higher is better)",
-         rel=True)
+    bars(axes[0][0], "ops_per_s", f"Throughput relative to {LABEL[ref]} (higher is better)\n"
+         "median of the per-round ratios; whiskers: their range", rel="rounds_ops_per_s")
     axes[0][0].axhline(1.0, color="k", lw=0.8)
-    bars(axes[0][1], "daemon_cpu_us_per_op", "Daemon CPU time per operation, us "
-         "(log; lower is better)", log_scale=True)
+    bars(axes[0][1], "daemon_cpu_us_per_op", f"Daemon CPU per operation relative to "
+         f"{LABEL[ref]} (lower is better)\nmedian of the per-round ratios; whiskers: their range",
+         rel="rounds_cpu_us_per_op")
+    axes[0][1].axhline(1.0, color="k", lw=0.8)
     bars(axes[1][0], "p50_us", "Latency p50 seen by the frontend, us (log; lower is better)",
          log_scale=True)
     ax = axes[1][1]
@@ -1194,11 +1214,20 @@ def plot(results: dict, kinds: list[str], path: str) -> bool:
         ax.set_title(f"RSS per cached inode after {results[mk[0]]['memory']['files']:,} "
                      "lookups, bytes (lower is better)", fontsize=10)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("virtiofs daemons driven by the same vhost-user frontend (no guest)")
+    fig.suptitle("virtiofs daemons driven by the same vhost-user frontend (no guest)"
+                 + (f"\n{subtitle}" if subtitle else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_subtitle(full: dict) -> str:
+    """When and how the plotted run was taken, as the README's block says it."""
+    entries = {k: (k, v) for k, v in full["daemons"].items()}
+    alike = ("every daemon with the same settings" if tables.like_for_like(entries) else
+             "NOT like for like: the daemons ran with different settings (see the README)")
+    return f"{full['meta']['date']}, {alike}"
 
 
 def main(argv=None) -> int:
@@ -1239,7 +1268,18 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-all", action="store_true", help="profile the 1 MiB ones too")
     ap.add_argument("--profile-rate", type=int, default=500)
     daemon_settings.add_arguments(ap)
+    ap.add_argument("--plot-only", metavar="JSON",
+                    help="run nothing: redraw JSON's PNG (beside it) from its results")
     cfg = ap.parse_args(argv)
+    if cfg.plot_only:
+        with open(cfg.plot_only) as f:
+            full = json.load(f)
+        res = full["daemons"]
+        png = os.path.splitext(cfg.plot_only)[0] + ".png"
+        if not plot(res, list(res), png, plot_subtitle(full)):
+            return 1
+        log(f"wrote {png}")
+        return 0
     kinds = [k.strip() for k in cfg.daemons.split(",") if k.strip()]
     cfg.settings = daemon_settings.from_arguments(cfg, cache="auto")
     for k in kinds:
@@ -1329,7 +1369,7 @@ def main(argv=None) -> int:
     md = table(results, kinds, "client_cpu_us_per_op" if cfg.spin_us == 0 else "client_us_per_op")
     print(md)
     png = os.path.splitext(cfg.out)[0] + ".png"
-    if plot(results, kinds, png):
+    if plot(results, kinds, png, plot_subtitle(out)):
         log(f"wrote {cfg.out} and {png}")
     else:
         log(f"wrote {cfg.out}")

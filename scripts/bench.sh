@@ -10,10 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --render-only: rewrite the README's bench:daemon block from the committed
-# bench/results/daemon.json (bench/tables.py), run nothing, install nothing.
+# bench/results/daemon.json (bench/tables.py) and, with matplotlib, redraw daemon.png; run
+# nothing, install nothing.
 if [ "${1:-}" = --render-only ]; then
   py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
-  exec "$py" bench/tables.py daemon
+  "$py" bench/tables.py daemon
+  exec "$py" bench/daemon_bench.py --plot-only bench/results/daemon.json
 fi
 bash scripts/setup.sh
 if [ bench/requirements.txt -nt .venv/.bench-installed ] || [ ! -e .venv/.bench-installed ]; then
