@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import json
 import logging
 import logging.handlers
 import os
@@ -24,6 +25,7 @@ from .fuse.server import TRACE
 from .idmap import IdMap
 from .xattrmap import XattrMap
 from .passthrough import PassthroughFs
+from .pathfs import PathAdapter
 from .vhost_user.shmem import SharedMemory
 from .virtqueue import ORDERING_IS_SAFE
 from .vhost_user.backend import VhostUserSession
@@ -173,17 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _run(config: Config) -> int:
-    _setup_logging(config.log_level, config.syslog)
-    if not ORDERING_IS_SAFE:
-        log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
-        return 1
-    try:
-        keep_caps = sandbox.parse_modcaps(config.modcaps)
-        if config.rlimit_nofile != 0:  # 0: leave the limit as it is (virtiofsd)
-            sandbox.set_rlimit_nofile(config.rlimit_nofile)
-    except sandbox.SandboxError as e:
-        raise StartupError(str(e)) from None
+def _passthrough_fs(config: Config) -> tuple[PassthroughFs, version_table.VersionTable | None]:
+    """The host directory --shared-dir names, and the --version-table if one is asked for."""
     _check_shared_dir(config.shared_dir)
     table = None
     if config.version_table:
@@ -208,6 +201,44 @@ def _run(config: Config) -> int:
     except (OSError, ValueError) as e:
         raise StartupError(f"cannot share {config.shared_dir!r}: "
                            f"{getattr(e, 'strerror', None) or e}") from None
+    return fs, table
+
+
+def _source_fs(config: Config):
+    """The fsspec store --source names, served at the path level (src/pyvirtiofs/fsspec_fs.py)."""
+    from .fsspec_fs import FsspecFs
+    opts = {}
+    for key, value in config.source_options:
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    try:
+        fs = FsspecFs.from_url(config.source, opts)
+        fs.check()
+    except ImportError as e:
+        raise StartupError(str(e)) from None
+    except Exception as e:  # the store's client refused the URL or its options
+        raise StartupError(f"--source {config.source}: {e}") from None
+    return PathAdapter(fs)
+
+
+def _run(config: Config) -> int:
+    _setup_logging(config.log_level, config.syslog)
+    if not ORDERING_IS_SAFE:
+        log.error("this CPU's memory model needs fences Python cannot issue; refusing to run")
+        return 1
+    try:
+        keep_caps = sandbox.parse_modcaps(config.modcaps)
+        if config.rlimit_nofile != 0:  # 0: leave the limit as it is (virtiofsd)
+            sandbox.set_rlimit_nofile(config.rlimit_nofile)
+    except sandbox.SandboxError as e:
+        raise StartupError(str(e)) from None
+    table = None
+    if config.source is not None:
+        fs = _source_fs(config)
+    else:
+        fs, table = _passthrough_fs(config)
 
     def on_signal(signum, frame):
         # Stop once.  A second SIGTERM/SIGINT must neither interrupt the clean-up below nor

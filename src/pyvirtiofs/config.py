@@ -169,6 +169,8 @@ class Config:
     says otherwise."""
     # where and what
     shared_dir: str | None = None
+    source: str | None = None            # an fsspec URL served instead of shared_dir
+    source_options: tuple[tuple[str, str], ...] = ()  # --source-option KEY=VALUE
     socket_path: str | None = None
     socket_group: str | None = None      # chgrp the socket to this group
     fd: int | None = None                # an inherited listening socket instead of a path

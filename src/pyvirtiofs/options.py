@@ -87,6 +87,20 @@ def _tag(text: str) -> str:
     return text
 
 
+def _source_option(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: not KEY=VALUE")
+    return key, value
+
+
+# With --source the daemon serves a remote store: these options (and none of the host
+# directory's) apply.  The sandbox is off: the namespace one would cut the network.
+SOURCE_OPTIONS = {"source", "source_options", "socket_path", "socket_group", "fd", "tag",
+                  "sandbox", "seccomp", "rlimit_nofile", "thread_pool_size", "log_level",
+                  "syslog", "modcaps"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, allow_abbrev=False,
                 usage=f"{PROG} --shared-dir DIR (--socket-path PATH | --fd N) [options]",
@@ -95,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS  # set only when given: the Config's defaults stay the defaults
     where = p.add_argument_group("what to share and where")
     where.add_argument("--shared-dir", default=S, help="the directory the guest sees")
+    where.add_argument("--source", default=S, metavar="URL",
+                       help="instead of --shared-dir: an fsspec URL the guest sees "
+                            "(s3://bucket/prefix, memory://, gs://...; needs "
+                            "pyvirtiofs[fsspec], and [s3] for s3://)")
+    where.add_argument("--source-option", dest="source_options", action="append",
+                       type=_source_option, default=S, metavar="KEY=VALUE",
+                       help="a storage option for --source (repeatable); VALUE is read as "
+                            "JSON when it parses (true, 3, {...}), else as a string")
     where.add_argument("--socket-path", default=S, help="vhost-user Unix socket to create; a "
                        "stale socket there is replaced, anything else is refused")
     where.add_argument("--socket", dest="socket_path", default=S,
@@ -318,7 +340,7 @@ def parse(argv: list[str] | None = None) -> Config:
         values["inode_file_handles"] = "prefer"
     if values.get("log_level") == "warning":
         values["log_level"] = "warn"
-    for key in ("translate_uid", "translate_gid", "uid_map", "gid_map"):
+    for key in ("translate_uid", "translate_gid", "uid_map", "gid_map", "source_options"):
         if key in values:
             values[key] = tuple(values[key])
     config = Config(**values)
@@ -329,8 +351,12 @@ def parse(argv: list[str] | None = None) -> Config:
 def _check(c: Config, given: dict) -> None:
     if c.print_capabilities or c.version:
         return
-    if not c.shared_dir:
-        raise UsageError("--shared-dir (or -o source=DIR) is required")
+    if c.source is not None:
+        _check_source(c, given)
+    elif c.source_options:
+        raise UsageError("--source-option needs --source")
+    elif not c.shared_dir:
+        raise UsageError("--shared-dir (or -o source=DIR) or --source=URL is required")
     if c.socket_path is None and c.fd is None:
         raise UsageError("--socket-path or --fd is required")
     if c.socket_path is not None and c.fd is not None:
@@ -375,6 +401,19 @@ def _check(c: Config, given: dict) -> None:
             ("migration_confirm_paths", "--migration-confirm-paths", False)):
         if getattr(c, field_name) != default:
             raise UsageError(f"{option}: migration is not implemented")
+
+
+def _check_source(c: Config, given: dict) -> None:
+    if c.shared_dir:
+        raise UsageError("--source and --shared-dir exclude each other")
+    if not c.source:
+        raise UsageError("--source: empty URL")
+    other = sorted(k for k in given if k not in SOURCE_OPTIONS)
+    if other:
+        raise UsageError(f"--{other[0].replace('_', '-')} does not apply to --source")
+    if given.get("sandbox", "none") != "none":
+        raise UsageError("--source needs the network: only --sandbox=none goes with it")
+    c.sandbox = "none"
 
 
 def capabilities_json() -> str:

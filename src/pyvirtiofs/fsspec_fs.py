@@ -1,0 +1,478 @@
+"""Any fsspec file system (S3, GCS, Azure, HTTP, memory://, zip::...) served at the path level.
+
+What an object store can and cannot do, and what the guest sees (README "Object storage"):
+
+- Directories are key prefixes.  ``mkdir`` makes an empty directory that exists in this daemon
+  (and in stores with real directories) until a file is written under it.
+- Reads are ranged GETs through fsspec's read-ahead cache (``block_size`` bytes at a time).
+- Writes go to a local spool file and are uploaded whole (fsspec's multipart upload for large
+  ones) on close and on fsync; fsync returns once the store has the object.  An upload that
+  fails answers EIO to that close or fsync (and is logged), the data stays in the spool and the
+  next fsync/close tries again.  Opening an existing object for writing without O_TRUNC
+  downloads it into the spool first: the whole object is rewritten on close.
+- rename is copy then delete (not atomic; a directory is renamed object by object).
+- No hard links, symbolic links or device nodes (EPERM, as link(2)/symlink(2)/mknod(2) say for
+  a file system that does not support them); no owners or modes (chmod/chown: EPERM); times are
+  the store's (utimens is accepted and changes nothing).
+- Listings are cached for ``listing_timeout`` seconds (the guest caches names and attributes as
+  long); changes made through this daemon drop the cache at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from typing import Any, Iterable
+
+from .filesystem import Attr, FsError, StatFs
+from .pathfs import PathFileSystem
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'pyvirtiofs[fsspec]' (and 'pyvirtiofs[s3]' for s3://)"
+COPY_CHUNK = 8 << 20
+
+
+def open_url(url: str, options: dict[str, str] | None = None):
+    """``(fsspec file system, root path)`` for ``url``; ImportError names what to install."""
+    try:
+        import fsspec.core
+    except ImportError:
+        raise ImportError(f"--source needs fsspec: {INSTALL_HINT}") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+    except ImportError as e:  # a backend (s3fs, gcsfs...) is missing: fsspec says which
+        raise ImportError(f"--source {url}: {e}") from None
+    return fs, root
+
+
+def _mtime_ns(info: dict) -> int:
+    for key in ("mtime", "LastModified", "last_modified", "created", "updated"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, datetime.datetime):
+            return int(v.timestamp() * 1e9)
+        if isinstance(v, (int, float)):
+            return int(v * 1e9)
+        if isinstance(v, str):
+            try:
+                return int(datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
+                           .timestamp() * 1e9)
+            except ValueError:
+                continue
+    return 0
+
+
+class _Upload:
+    """A file open for writing: its bytes in a local spool file until uploaded."""
+
+    def __init__(self, spool_dir: str | None):
+        self.spool = tempfile.TemporaryFile(dir=spool_dir, buffering=0)  # pwrite and copies mix
+        self.lock = threading.Lock()
+        self.dirty = True   # a new or truncated object is uploaded even when empty
+        self.mtime_ns = time.time_ns()
+
+    def size(self) -> int:
+        return os.fstat(self.spool.fileno()).st_size
+
+
+class _Reader:
+    """A file open for reading: fsspec's file object (ranged GETs, read-ahead)."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.lock = threading.Lock()  # fsspec file objects are not thread-safe
+
+
+class FsspecFs(PathFileSystem):
+    """Serves the fsspec file system ``fs`` below ``root`` (a bucket/prefix, or "")."""
+
+    def __init__(self, fs: Any, root: str = "", *, listing_timeout: float = 1.0,
+                 block_size: int = 4 << 20, spool_dir: str | None = None):
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.listing_timeout = listing_timeout
+        self.entry_timeout = listing_timeout
+        self.block_size = block_size
+        self.spool_dir = spool_dir
+        self._lock = threading.Lock()
+        self._listings: dict[str, tuple[float, dict[str, dict]]] = {}
+        self._pending: dict[str, _Upload] = {}   # path -> the newest open upload
+        self._dirs: set[str] = {"/"}            # directories made by mkdir here
+
+    @classmethod
+    def from_url(cls, url: str, options: dict[str, str] | None = None, **kw: Any) -> "FsspecFs":
+        fs, root = open_url(url, options)
+        return cls(fs, root, **kw)
+
+    def check(self) -> None:
+        """List the root once, so that a wrong endpoint or refused credentials stop the daemon
+        at start with the store's message.  A prefix with nothing under it yet is fine."""
+        try:
+            self.fs.ls(self._key("/"), detail=False)
+        except FileNotFoundError:
+            pass
+
+    # -- keys and listings ------------------------------------------------------------------
+
+    def _key(self, path: str) -> str:
+        return self.root + path if path != "/" else (self.root or "/")
+
+    def _listing(self, path: str) -> dict[str, dict]:
+        """name -> fsspec info of the directory ``path``, cached; ENOENT if none."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._listings.get(path)
+        if hit and now - hit[0] < self.listing_timeout:
+            return hit[1]
+        try:
+            infos = self.fs.ls(self._key(path), detail=True, refresh=True)
+        except FileNotFoundError:
+            infos = None
+        except TypeError:  # a backend without refresh=
+            infos = self.fs.ls(self._key(path), detail=True)
+        if infos is None:
+            if path in self._dirs:
+                infos = []
+            else:
+                raise FsError(errno.ENOENT)
+        key = self._key(path).rstrip("/")
+        out = {}
+        for info in infos:
+            name = info["name"].rstrip("/")
+            if name == key:
+                if info.get("type") != "directory":
+                    raise FsError(errno.ENOTDIR)
+                continue  # the directory itself (some backends list it)
+            out[posixpath.basename(name)] = info
+        with self._lock:
+            self._listings[path] = (now, out)
+        return out
+
+    def _changed(self, *paths: str) -> None:
+        """Forget the listings of the directories holding ``paths``."""
+        with self._lock:
+            for p in paths:
+                self._listings.pop(posixpath.dirname(p), None)
+                self._listings.pop(p, None)
+
+    def _info(self, path: str) -> dict | None:
+        if path == "/":
+            return {"type": "directory"}
+        with self._lock:
+            up = self._pending.get(path)
+        if up is not None:
+            return {"type": "file", "size": up.size(), "pending": up}
+        try:
+            info = self._listing(posixpath.dirname(path)).get(posixpath.basename(path))
+        except FsError:
+            info = None
+        if info is None and path in self._dirs:
+            return {"type": "directory"}
+        return info
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def getattr(self, path: str) -> Attr:
+        info = self._info(path)
+        if info is None:
+            raise FsError(errno.ENOENT)
+        if info.get("type") == "directory":
+            t = _mtime_ns(info)
+            return Attr(st_mode=stat.S_IFDIR | 0o755, st_nlink=2, st_atime_ns=t,
+                        st_mtime_ns=t, st_ctime_ns=t)
+        size = int(info.get("size") or 0)
+        t = info["pending"].mtime_ns if "pending" in info else _mtime_ns(info)
+        return Attr(st_mode=stat.S_IFREG | 0o644, st_size=size, st_blocks=(size + 511) // 512,
+                    st_blksize=self.block_size if self.block_size < 1 << 31 else 4096,
+                    st_atime_ns=t, st_mtime_ns=t, st_ctime_ns=t)
+
+    def readdir(self, path: str) -> Iterable[str]:
+        names = set(self._listing(path))
+        with self._lock:  # files not uploaded yet, directories made here
+            local = list(self._pending) + list(self._dirs)
+        names.update(posixpath.basename(p) for p in local
+                     if p != "/" and posixpath.dirname(p) == path)
+        return sorted(names)
+
+    def open(self, path: str, flags: int) -> Any:
+        info = self._info(path)
+        if info is None:
+            raise FsError(errno.ENOENT)
+        if info.get("type") == "directory":
+            raise FsError(errno.EISDIR)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            up = info.get("pending")
+            if up is not None:  # not uploaded yet: read what was written
+                return up
+            return _Reader(self.fs.open(self._key(path), "rb", block_size=self.block_size,
+                                        cache_type="readahead"))
+        up = _Upload(self.spool_dir)
+        if flags & os.O_TRUNC or not info.get("size"):
+            up.dirty = bool(flags & os.O_TRUNC)
+        else:  # no partial overwrite in an object store: fetch it, rewrite it whole
+            self._download(path, up)
+            up.dirty = False
+        with self._lock:
+            self._pending[path] = up
+        return up
+
+    def _download(self, path: str, up: _Upload) -> None:
+        try:
+            with self.fs.open(self._key(path), "rb", block_size=self.block_size) as src:
+                shutil.copyfileobj(src, up.spool, COPY_CHUNK)
+        except OSError as e:
+            log.error("downloading %s to rewrite it: %s", path, e)
+            raise FsError(errno.EIO) from None
+
+    def read(self, path: str, fh: Any, offset: int, size: int) -> bytes:
+        if isinstance(fh, _Upload):
+            return os.pread(fh.spool.fileno(), size, offset)
+        if not isinstance(fh, _Reader):
+            raise FsError(errno.EBADF)
+        with fh.lock:
+            try:
+                fh.f.seek(offset)
+                return bytes(fh.f.read(size))
+            except OSError as e:
+                log.error("reading %s at %d: %s", path, offset, e)
+                raise FsError(_errno_of(e)) from None
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def create(self, path: str, mode: int, flags: int) -> Any:
+        parent = posixpath.dirname(path)
+        if self._info(parent) is None:
+            raise FsError(errno.ENOENT)
+        up = _Upload(self.spool_dir)
+        with self._lock:
+            self._pending[path] = up
+        self._changed(path)
+        return up
+
+    def write(self, path: str, fh: Any, offset: int, data: bytes) -> int:
+        if not isinstance(fh, _Upload):
+            raise FsError(errno.EBADF)
+        with fh.lock:
+            n = os.pwrite(fh.spool.fileno(), data, offset)
+            fh.dirty = True
+            fh.mtime_ns = time.time_ns()
+        return n
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> None:
+        if isinstance(fh, _Upload):
+            with fh.lock:
+                os.ftruncate(fh.spool.fileno(), length)
+                fh.dirty = True
+            return
+        with self._lock:
+            up = self._pending.get(path)
+        if up is not None:
+            return self.truncate(path, length, up)
+        info = self._info(path)
+        if info is None:
+            raise FsError(errno.ENOENT)
+        if info.get("type") == "directory":
+            raise FsError(errno.EISDIR)
+        if int(info.get("size") or 0) == length:
+            return
+        up = _Upload(self.spool_dir)
+        try:
+            if length:
+                self._download(path, up)
+            os.ftruncate(up.spool.fileno(), length)
+            self._upload(path, up)
+        finally:
+            up.spool.close()
+
+    def _upload(self, path: str, up: _Upload) -> None:
+        """Put the spool in the store; EIO (logged) if it could not."""
+        with up.lock:
+            if not up.dirty:
+                return
+            try:
+                up.spool.seek(0)
+                with self.fs.open(self._key(path), "wb") as out:
+                    shutil.copyfileobj(up.spool, out, COPY_CHUNK)
+            except Exception as e:  # botocore and aiohttp errors are not all OSErrors
+                log.error("uploading %s failed: %s", path, e)
+                raise FsError(errno.EIO) from None
+            up.dirty = False
+        self._changed(path)
+
+    def flush(self, path: str, fh: Any) -> None:
+        if isinstance(fh, _Upload):
+            self._upload(path, fh)
+
+    def fsync(self, path: str, fh: Any, datasync: bool) -> None:
+        if isinstance(fh, _Upload):
+            self._upload(path, fh)
+
+    def release(self, path: str | None, fh: Any) -> None:
+        if isinstance(fh, _Reader):
+            with fh.lock:
+                fh.f.close()
+            return
+        if not isinstance(fh, _Upload):
+            return
+        try:
+            if path is not None and fh.dirty:
+                self._upload(path, fh)  # flush failed earlier and nobody retried
+        except FsError:
+            log.error("%s: the last writes were never uploaded (reported to close/fsync)",
+                      path)
+        finally:
+            with self._lock:
+                for p, u in list(self._pending.items()):
+                    if u is fh:
+                        del self._pending[p]
+            fh.spool.close()
+            if path is not None:
+                self._changed(path)
+
+    # -- names ------------------------------------------------------------------------------
+
+    def mkdir(self, path: str, mode: int) -> None:
+        if self._info(path) is not None:
+            raise FsError(errno.EEXIST)
+        if self._info(posixpath.dirname(path)) is None:
+            raise FsError(errno.ENOENT)
+        try:
+            self.fs.makedirs(self._key(path), exist_ok=True)
+        except OSError:
+            pass  # prefixes need no creating in most stores
+        with self._lock:
+            self._dirs.add(path)
+        self._changed(path)
+
+    def _is_dir(self, path: str) -> bool:
+        info = self._info(path)
+        if info is None:
+            raise FsError(errno.ENOENT)
+        return info.get("type") == "directory"
+
+    def unlink(self, path: str) -> None:
+        if self._is_dir(path):
+            raise FsError(errno.EISDIR)
+        with self._lock:
+            up = self._pending.pop(path, None)
+        try:
+            self.fs.rm_file(self._key(path))
+        except FileNotFoundError:
+            if up is None:
+                raise FsError(errno.ENOENT) from None
+        except Exception as e:
+            log.error("deleting %s: %s", path, e)
+            raise FsError(_errno_of(e)) from None
+        finally:
+            self._changed(path)
+
+    def rmdir(self, path: str) -> None:
+        if not self._is_dir(path):
+            raise FsError(errno.ENOTDIR)
+        if self.readdir(path):
+            raise FsError(errno.ENOTEMPTY)
+        try:
+            self.fs.rmdir(self._key(path))
+        except (OSError, NotImplementedError):
+            pass  # an empty prefix is nothing to remove
+        with self._lock:
+            self._dirs.discard(path)
+        self._changed(path)
+
+    def rename(self, old: str, new: str, flags: int) -> None:
+        if flags:
+            raise FsError(errno.EINVAL, "RENAME_NOREPLACE/EXCHANGE: not in an object store")
+        if old == new:
+            return
+        old_is_dir = self._is_dir(old)
+        target = self._info(new)
+        if target is not None:
+            if target.get("type") == "directory":
+                if not old_is_dir:
+                    raise FsError(errno.EISDIR)
+                if self.readdir(new):
+                    raise FsError(errno.ENOTEMPTY)
+            elif old_is_dir:
+                raise FsError(errno.ENOTDIR)
+        if new.startswith(old + "/"):
+            raise FsError(errno.EINVAL)
+        with self._lock:
+            up = self._pending.get(old)
+        if up is not None:
+            self._upload(old, up)  # copy what the guest wrote, not the older object
+        try:
+            if old_is_dir:
+                self._rename_tree(old, new)
+            else:
+                self.fs.copy(self._key(old), self._key(new))
+                self.fs.rm_file(self._key(old))
+        except FsError:
+            raise
+        except Exception as e:
+            log.error("renaming %s to %s: %s", old, new, e)
+            raise FsError(_errno_of(e)) from None
+        finally:
+            self._changed(old, new)
+        with self._lock:
+            for p in [p for p in self._dirs if p == old or p.startswith(old + "/")]:
+                self._dirs.discard(p)
+                self._dirs.add(new + p[len(old):])
+            for p in [p for p in self._pending if p == old or p.startswith(old + "/")]:
+                self._pending[new + p[len(old):]] = self._pending.pop(p)
+            self._listings.clear()
+
+    def _rename_tree(self, old: str, new: str) -> None:
+        src = self._key(old)
+        for key in self.fs.find(src):
+            rel = key.rstrip("/")[len(src.rstrip("/")):]
+            self.fs.copy(key, self._key(new) + rel)
+            self.fs.rm_file(key)
+
+    # -- what an object store cannot do ----------------------------------------------------
+
+    def link(self, path: str, new_path: str) -> None:
+        raise FsError(errno.EPERM, "no hard links in an object store")
+
+    def symlink(self, path: str, target: str) -> None:
+        raise FsError(errno.EPERM, "no symbolic links in an object store")
+
+    def mknod(self, path: str, mode: int, rdev: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM, "only regular files in an object store")
+        self.release(path, self.create(path, mode, os.O_WRONLY))
+
+    def readlink(self, path: str) -> str:
+        raise FsError(errno.EINVAL)
+
+    def chmod(self, path: str, mode: int) -> None:
+        raise FsError(errno.EPERM, "objects have no modes")
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        raise FsError(errno.EPERM, "objects have no owners")
+
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        if self._info(path) is None:
+            raise FsError(errno.ENOENT)  # the store keeps its own times: nothing to change
+
+    def statfs(self, path: str) -> StatFs:
+        big = 1 << 40  # an object store has no fixed size: report plenty of room
+        return StatFs(f_bsize=4096, f_frsize=4096, f_blocks=big, f_bfree=big, f_bavail=big,
+                      f_files=big, f_ffree=big, f_namemax=1024)
+
+
+def _errno_of(e: BaseException) -> int:
+    if isinstance(e, FileNotFoundError):
+        return errno.ENOENT
+    if isinstance(e, PermissionError):
+        return errno.EACCES
+    return errno.EIO
