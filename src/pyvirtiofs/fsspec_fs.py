@@ -97,12 +97,14 @@ class FsspecFs(PathFileSystem):
     """Serves the fsspec file system ``fs`` below ``root`` (a bucket/prefix, or "")."""
 
     def __init__(self, fs: Any, root: str = "", *, listing_timeout: float = 1.0,
-                 block_size: int = 4 << 20, spool_dir: str | None = None):
+                 block_size: int = 4 << 20, part_size: int = 8 << 20,
+                 spool_dir: str | None = None):
         self.fs = fs
         self.root = root.rstrip("/")
         self.listing_timeout = listing_timeout
         self.entry_timeout = listing_timeout
         self.block_size = block_size
+        self.part_size = part_size  # multipart upload parts (S3's minimum is 5 MiB)
         self.spool_dir = spool_dir
         self._lock = threading.Lock()
         self._listings: dict[str, tuple[float, dict[str, dict]]] = {}
@@ -301,7 +303,7 @@ class FsspecFs(PathFileSystem):
                 return
             try:
                 up.spool.seek(0)
-                with self.fs.open(self._key(path), "wb") as out:
+                with self.fs.open(self._key(path), "wb", block_size=self.part_size) as out:
                     shutil.copyfileobj(up.spool, out, COPY_CHUNK)
             except Exception as e:  # botocore and aiohttp errors are not all OSErrors
                 log.error("uploading %s failed: %s", path, e)

@@ -131,7 +131,7 @@ def test_a_bucket_prefix_is_served(daemon, bucket):
 
 def test_fsync_makes_a_write_durable_even_if_the_daemon_is_killed(daemon, bucket):
     s3, b = bucket
-    data = os.urandom(7 << 20)  # above s3fs's 5 MiB part: a multipart upload
+    data = os.urandom(9 << 20)  # above the 8 MiB part size: a multipart upload
     with FuseClient.connect(daemon.sock) as c:
         e, o = c.create(1, b"new.bin", flags=os.O_WRONLY | os.O_CREAT)
         for off in range(0, len(data), 1 << 20):
@@ -141,6 +141,7 @@ def test_fsync_makes_a_write_durable_even_if_the_daemon_is_killed(daemon, bucket
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait(10)
     got = s3.get_object(Bucket=b, Key="pre/new.bin")["Body"].read()
+    assert "-" in s3.head_object(Bucket=b, Key="pre/new.bin")["ETag"]  # a multipart ETag
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
