@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
 
 import boto3
 import pytest
 
 from pyvirtiofs.testing import guestvm
+from .conftest import daemon_env
 from tests.unit.test_fsspec_s3 import Daemon, _boto_creds, s3_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.guest
@@ -58,3 +62,42 @@ def test_a_guest_works_on_a_bucket(guest_ready, short_tmp, s3_server):  # noqa: 
     assert hashlib.sha256(got).hexdigest() == written_sum
     renamed = s3.get_object(Bucket="guest", Key="pre/docs/renamed.bin")["Body"].read()
     assert renamed == body
+
+
+MEMORY_SCRIPT = """
+set -e
+mkdir d
+dd if=/dev/urandom of=/tmp/w bs=1M count=20 2>/dev/null
+cp /tmp/w d/w.bin
+sync
+echo 3 > /proc/sys/vm/drop_caches
+cmp /tmp/w d/w.bin && echo same
+mv d/w.bin d/v.bin
+ls d
+cmp /tmp/w d/v.bin && echo still-same
+rm d/v.bin
+rmdir d
+ls | wc -l
+"""
+
+
+def test_the_same_workload_on_memory(guest_ready, short_tmp):
+    """memory:// (the store lives in the daemon): what the guest wrote reads back after the
+    guest dropped its caches, and survives a rename."""
+    sock = str(short_tmp / "mem.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
+                             "--source=memory://guest"], env=daemon_env(),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if os.path.exists(sock) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        res = guestvm.run_guest(MEMORY_SCRIPT, [guestvm.Share("ex", socket=sock)],
+                                daemons=[proc], timeout=400)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert res.status == 0, res.output
+    assert res.output.split() == ["same", "v.bin", "still-same", "0"], res.output
