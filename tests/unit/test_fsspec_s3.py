@@ -4,6 +4,7 @@ checked through boto3 afterwards.  Also: the command line's --source errors."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -30,13 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_server():
+@contextlib.contextmanager
+def moto_server(**env: str):
     """moto's S3 API server on a loopback port: its endpoint URL."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, **CREDS))
+                            env=dict(os.environ, **CREDS, **env))
     try:
         for _ in range(300):
             try:
@@ -52,6 +53,12 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -184,6 +191,16 @@ def test_a_missing_bucket_answers_enoent_and_the_daemon_keeps_serving(tmp_path, 
     finally:
         out = d.stop()
     assert "Traceback" not in out and d.proc.returncode == 0, out
+
+
+def test_refused_credentials_stop_the_daemon_at_start_with_one_line(tmp_path):
+    # moto checks keys against its IAM once INITIAL_NO_AUTH_ACTION_COUNT requests are done
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
+        d = Daemon(tmp_path, "s3://any/pre", url)
+        out = d.stop()
+    assert d.proc.returncode == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("pyvirtiofsd: --source s3://any/pre: ") and "Traceback" not in out, out
 
 
 def test_source_and_shared_dir_exclude_each_other(tmp_path):
