@@ -118,6 +118,43 @@ def start_daemon_module(guest_ready, short_tmp: Path) -> Iterator[Callable[..., 
     starter.close()
 
 
+def _judge(daemons: list[DaemonProcess], *, stop: bool) -> None:
+    """Fail (in the teardown of the test) if any of these daemons exited non-zero, was killed
+    by a signal or logged a traceback or an ERROR line.  ``stop``: stop those still running
+    first; otherwise leave them to a later check (a module's daemon outlives one test)."""
+    bad = []
+    for d in daemons:
+        if getattr(d, "judged", False):
+            continue
+        if d.running:
+            if not stop:
+                continue
+            d.stop()
+        d.judged = True
+        found = d.problems()
+        if found:
+            bad.append(f"{daemon_name()} on {d.socket_path}: {'; '.join(found)}\n"
+                       f"--- its log ---\n{guestvm._tail(d.log, 60)}")
+    if bad:
+        pytest.fail("a daemon did not end well:\n" + "\n".join(bad), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def every_daemon_ends_well() -> Iterator[None]:
+    """After every e2e test: each daemon it started has stopped cleanly (see _judge)."""
+    first = len(DaemonProcess.started)
+    yield
+    _judge(DaemonProcess.started[first:], stop=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def every_module_daemon_ends_well() -> Iterator[None]:
+    """The same for daemons that live as long as a module (start_daemon_module)."""
+    first = len(DaemonProcess.started)
+    yield
+    _judge(DaemonProcess.started[first:], stop=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Attach the logs of the daemons a failing test used to its report."""

@@ -40,6 +40,7 @@ def test_stress_ng_file_system_stressors(guest_ready, short_tmp):
     try:
         res = guestvm.run_guest(script, [guestvm.Share("vfs", socket=sock)], hostroot=True,
                                 smp=2, daemons=[d], timeout=120 + 30 * secs * len(STRESSORS))
+        rc = d.wait(timeout=30)  # the guest powered off: QEMU disconnected, the daemon ends
     finally:
         d.stop()
     lines = [ln for ln in res.output.splitlines() if ln.startswith("STRESSOR")]
@@ -47,4 +48,4 @@ def test_stress_ng_file_system_stressors(guest_ready, short_tmp):
     failed = [ln for ln in lines if not ln.endswith("rc=0")]
     assert not failed, res.output
     assert "Traceback" not in d.log, d.log[-5000:]
-    assert d.returncode == 0 or d.returncode is None or d.returncode < 0
+    assert rc == 0, f"daemon exit status {rc}\n{d.log[-5000:]}"

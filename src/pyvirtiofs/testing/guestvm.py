@@ -969,6 +969,10 @@ def run_guest(
 # Daemon process helper
 # --------------------------------------------------------------------------
 
+# pyvirtiofsd's "[time ERROR thread] ..." and the Rust virtiofsd's "[time ERROR virtiofsd] ..."
+_ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b")
+
+
 class DaemonProcess:
     """Run a vhost-user-fs daemon for the length of a ``with`` block.
 
@@ -978,7 +982,12 @@ class DaemonProcess:
     the daemon exits first or ``start_timeout`` passes.  Leaving the block
     terminates the daemon if it still runs (SIGTERM, then SIGKILL).  stdout and
     stderr go to ``log_path`` (default ``<socket>.log``).
+
+    Every started daemon is remembered in :attr:`started`, so that a test harness can judge
+    each one once it has stopped (:meth:`problems`).
     """
+
+    started: "list[DaemonProcess]" = []  # class-wide, oldest first
 
     def __init__(self, argv: Sequence[str], socket_path: str | os.PathLike, *,
                  wait_pidfile: bool = False, log_path: str | os.PathLike | None = None,
@@ -1014,6 +1023,7 @@ class DaemonProcess:
                                   f"on {self.socket_path}: {shlex.join(self.argv)}\n"
                                   f"--- daemon log ---\n{_tail(self.log, 60)}")
             if self._ready():
+                DaemonProcess.started.append(self)  # one that failed to start raised already
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -1080,6 +1090,21 @@ class DaemonProcess:
     def returncode(self) -> int | None:
         """Exit status once the daemon has exited (negative: killed by that signal)."""
         return self.proc.poll() if self.proc else None
+
+    def problems(self) -> list[str]:
+        """What a user would call a failure of the daemon so far: a non-zero exit status
+        (or death by a signal), a Python traceback or an ERROR line in its log."""
+        found = []
+        rc = self.returncode
+        if rc not in (None, 0):
+            found.append(f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}")
+        log = self.log
+        if "Traceback (most recent call last)" in log:
+            found.append("a Python traceback in its log")
+        errors = [ln for ln in log.splitlines() if _ERROR_LINE.search(ln)]
+        if errors:
+            found.append(f"{len(errors)} ERROR line(s) in its log, the first: {errors[0]}")
+        return found
 
     @property
     def log(self) -> str:
