@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import logging
 import os
 import random
@@ -142,6 +143,9 @@ class Target:
         self.memory = GuestMemory([self.region])
         self.mem = self.region.view
         self.iterations = 0
+        # what the inputs reached: (opcode, errno) of each FUSE reply, chains popped off rings
+        self.replies: collections.Counter = collections.Counter()
+        self.ring_chains = 0
 
     # -- helpers --------------------------------------------------------------------------
     def _call(self, opcode, nodeid, body, reply=4096):
@@ -248,9 +252,9 @@ class Target:
         writable = [memoryview(bytearray(inp.choice([0, 8, 16, 17, 120, 128, 4096]) +
                                           inp.int(1) % 32))
                     for _ in range(inp.int(1) % 4)]
-        self._serve(DescriptorChain(0, readable, writable), unique)
+        self._serve(DescriptorChain(0, readable, writable), unique, opcode)
 
-    def _serve(self, chain: DescriptorChain, unique: int | None) -> int:
+    def _serve(self, chain: DescriptorChain, unique: int | None, opcode: int | None = None) -> int:
         cap = sum(len(v) for v in chain.writable)
         n = self.server.serve_request(chain)
         if n == DEFERRED:
@@ -270,6 +274,8 @@ class Target:
                 raise Crash(f"error {error} is not a negative errno")
             if error and n != 16:
                 raise Crash(f"error reply {error} carries {n - 16} payload bytes")
+            if opcode is not None:
+                self.replies[opcode, -error] += 1
         return n
 
     def _ring(self, inp: _Input) -> None:
@@ -292,8 +298,6 @@ class Target:
             flags = inp.int(1) & 7 if inp.int(1) < 230 else inp.int(2)
             nxt = inp.int(1) % (size + 2) if inp.int(1) < 230 else inp.int(2)
             struct.pack_into("<QIHH", mem, DESC_AT + 16 * i, addr, length, flags, nxt)
-        data = inp.rest(4096)
-        mem[DATA_AT:DATA_AT + len(data)] = data
         vq.configure(self.memory, MEM_GPA + DESC_AT, MEM_GPA + AVAIL_AT, MEM_GPA + USED_AT)
         start = inp.int(2)
         vq.next_avail = start
@@ -303,6 +307,10 @@ class Target:
             struct.pack_into("<H", mem, AVAIL_AT + 4 + 2 * i,
                              inp.int(1) % size if inp.int(1) < 240 else inp.int(2))
         struct.pack_into("<H", mem, AVAIL_AT + 4 + 2 * size, inp.int(2))     # used_event
+        # the buffers' contents last: they take the rest of the input, and anything read
+        # after them would be zeros (no chain would ever be published)
+        data = inp.rest(4096)
+        mem[DATA_AT:DATA_AT + len(data)] = data
         used0 = vq.next_used
         popped = 0
         for _ in range(size + 2):
@@ -316,6 +324,7 @@ class Target:
             if chain is None:
                 break
             popped += 1
+            self.ring_chains += 1
             n = self._serve(chain, None)
             vq.add_used(chain.head, n)
         vq.needs_notification()
