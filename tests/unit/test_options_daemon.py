@@ -25,17 +25,17 @@ def _need_root():
         pytest.fail("needs root: capabilities are only dropped from a root daemon", pytrace=False)
 
 
-def _caps(pid: int) -> tuple[int, int]:
+def _caps(pid: int) -> tuple[int, int, int]:
     status = open(f"/proc/{pid}/status").read()
     return tuple(int(re.search(rf"{k}:\s*([0-9a-f]+)", status).group(1), 16)
-                 for k in ("CapEff", "CapPrm"))
+                 for k in ("CapEff", "CapPrm", "CapInh"))
 
 
 def test_nine_capabilities_kept_by_default(daemon, tmp_path):
     _need_root()
     daemon.wait_log("waiting for a vhost-user frontend")
-    eff, prm = _caps(daemon.pid)
-    assert eff == prm and bin(eff).count("1") == 9, (hex(eff), hex(prm))
+    eff, prm, inh = _caps(daemon.pid)
+    assert eff == prm and bin(eff).count("1") == 9 and inh == 0, (hex(eff), hex(prm), hex(inh))
     assert eff & (1 << CAP_CHOWN) and not eff & (1 << CAP_SYS_ADMIN)
     c = daemon.client()
     f = c.create(FUSE_ROOT_ID, "f")[0].nodeid
@@ -50,7 +50,7 @@ def test_modcaps_takes_chown_away_and_gives_sys_admin(start_daemon, tmp_path):
     _need_root()
     d = start_daemon(extra_args=["--modcaps=-chown,+sys_admin"])
     d.wait_log("waiting for a vhost-user frontend")
-    eff, _ = _caps(d.pid)
+    eff, _, _ = _caps(d.pid)
     assert not eff & (1 << CAP_CHOWN) and eff & (1 << CAP_SYS_ADMIN)
     c = d.client()
     f = c.create(FUSE_ROOT_ID, "f")[0].nodeid
