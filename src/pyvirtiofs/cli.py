@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 
-from . import __version__, options, sandbox, seccomp, version_table
+from . import __version__, options, sandbox, seccomp, serving, version_table
 from .config import Config
 from .device import VirtioFsDevice
 from .fuse.server import TRACE
@@ -67,41 +67,16 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def _listen(path: str, group: str | None) -> socket.socket:
-    """Bind the vhost-user socket at ``path``.  Only a stale socket (nobody listening) is
-    replaced; any other file there is left alone and refused."""
+    """Bind the vhost-user socket at ``path`` (:func:`serving.listen`: only a stale socket
+    is replaced; any other file there is left alone and refused)."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"--socket-path {path}: exists and is not a socket; not "
-                               "replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:  # stale: left behind by a daemon that is gone
-            os.unlink(path)
-        else:
-            raise StartupError(f"--socket-path {path}: another process is listening on it")
-        finally:
-            probe.close()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # With a group, its members must be able to connect (write permission on the socket).
-    old_umask = os.umask(0o007 if group else 0o077)
-    try:
-        s.bind(path)
-    finally:
-        os.umask(old_umask)
-    if group:
-        try:
-            os.chown(path, -1, _group_id(group))
-        except BaseException:
-            s.close()
-            os.unlink(path)
-            raise
-    s.listen(1)
-    return s
+        return serving.listen(path, group=_group_id(group) if group else None)
+    except FileExistsError:
+        raise StartupError(f"--socket-path {path}: exists and is not a socket; not "
+                           "replacing it") from None
+    except serving.SocketInUse:
+        raise StartupError(f"--socket-path {path}: another process is listening on it") \
+            from None
 
 
 def _group_id(group: str) -> int:

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import stat
 import threading
 from typing import Callable, Union
 
@@ -28,26 +30,47 @@ class SocketInUse(OSError):
     """Another process listens on the socket path already."""
 
 
-def listen(path: str | os.PathLike[str]) -> socket.socket:
-    """A Unix socket listening on ``path``.  A stale socket file (nobody listening) from an
-    earlier run is replaced; a live one raises :class:`SocketInUse`."""
+def listen(path: str | os.PathLike[str], *, group: int | None = None) -> socket.socket:
+    """A Unix socket listening on ``path``, for its owner only, or for ``group`` too.
+
+    A stale socket file (nobody listening) from an earlier run is replaced; a live one raises
+    :class:`SocketInUse`; anything else at ``path`` (a regular file, a directory, a symlink)
+    is never touched and raises :class:`FileExistsError`."""
     path = os.fspath(path)
-    if os.path.exists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it",
+                                  path)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+        except ConnectionRefusedError:  # stale: left behind by a daemon that is gone
             os.unlink(path)
         else:
-            raise SocketInUse(f"{path} is in use by another process")
+            raise SocketInUse(f"{path}: another process is listening on it")
         finally:
             probe.close()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # With a group, its members must be able to connect (write permission on the socket).
+    old_umask = os.umask(0o007 if group is not None else 0o077)
     try:
         s.bind(path)
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
         s.listen(1)
     except BaseException:
         s.close()
+        os.unlink(path)
         raise
     return s
 

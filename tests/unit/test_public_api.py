@@ -131,6 +131,15 @@ def test_listen_replaces_a_stale_socket_and_refuses_a_live_one(sock):
         live.close()
 
 
+def test_listen_leaves_anything_but_a_socket_alone(sock):
+    with open(sock, "w") as f:
+        f.write("data")
+    with pytest.raises(FileExistsError):
+        pyvirtiofs.listen(sock)
+    with open(sock) as f:
+        assert f.read() == "data"
+
+
 def test_queues_are_offered(sock):
     with pyvirtiofs.Server(OneFile(), sock, queues=3):
         with FuseClient.connect(sock, num_request_queues=3) as c:
