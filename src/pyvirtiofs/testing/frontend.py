@@ -2845,27 +2845,25 @@ class DaxDriver:
             self._remove(nodeid, rs)
 
     # -- data -------------------------------------------------------------------------------
-    def read(self, nodeid: int, offset: int, buf) -> None:
+    def _pieces(self, nodeid: int, offset: int, buf, writable: bool):
+        """(window offset, slice of buf) for each 2 MiB range the access touches, each range
+        set up (or upgraded to writable) on the way, as fuse_dax_iomap_begin does."""
         view = memoryview(buf).cast("B")
         pos = 0
         while pos < len(view):
-            off = offset + pos
-            index, within = divmod(off, FUSE_DAX_SZ)
+            index, within = divmod(offset + pos, FUSE_DAX_SZ)
             n = min(len(view) - pos, FUSE_DAX_SZ - within)
-            r = self._range(nodeid, index, False)
-            self.window.readinto(r.moffset + within, view[pos:pos + n])
+            r = self._range(nodeid, index, writable)
+            yield r.moffset + within, view[pos:pos + n]
             pos += n
 
+    def read(self, nodeid: int, offset: int, buf) -> None:
+        for moffset, piece in self._pieces(nodeid, offset, buf, False):
+            self.window.readinto(moffset, piece)
+
     def write(self, nodeid: int, offset: int, data) -> None:
-        view = memoryview(data).cast("B")
-        pos = 0
-        while pos < len(view):
-            off = offset + pos
-            index, within = divmod(off, FUSE_DAX_SZ)
-            n = min(len(view) - pos, FUSE_DAX_SZ - within)
-            r = self._range(nodeid, index, True)
-            self.window.write(r.moffset + within, view[pos:pos + n])
-            pos += n
+        for moffset, piece in self._pieces(nodeid, offset, data, True):
+            self.window.write(moffset, piece)
 
 
 class DaxFile:
