@@ -10,6 +10,7 @@ The log of every daemon a failing test used is attached to the test report.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -74,3 +75,14 @@ def pytest_runtest_makereport(item, call):
                 seen.add(id(d))
                 state = "running" if d.alive() else f"exit status {d.proc.returncode}"
                 rep.sections.append((f"pyvirtiofsd log ({state})", d.log_tail(150)))
+
+
+@pytest.fixture
+def table_path(tmp_path):
+    """A version-table path in /dev/shm for this test, removed afterwards."""
+    path = f"/dev/shm/pyvfs-test-{os.getpid()}-{tmp_path.name}"
+    yield path
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

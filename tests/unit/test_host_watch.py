@@ -17,16 +17,6 @@ WAIT = 20.0  # seconds the watcher may take on a loaded machine
 
 
 @pytest.fixture
-def table_path(tmp_path):
-    path = f"/dev/shm/pyvfs-hw-{os.getpid()}-{tmp_path.name}"
-    yield path
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@pytest.fixture
 def watched(start_daemon, tmp_path, table_path):
     tree = tmp_path / "tree"
     (tree / "d1" / "d2").mkdir(parents=True)

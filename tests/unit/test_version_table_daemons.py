@@ -13,16 +13,6 @@ from pyvirtiofs.testing.version_client import TableView, VersionedClient
 
 
 @pytest.fixture
-def table_path(tmp_path):
-    path = f"/dev/shm/pyvfs-test-{os.getpid()}-{tmp_path.name}"
-    yield path
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-@pytest.fixture
 def pair(start_daemon, tmp_path, table_path):
     """(shared dir, client A on daemon A, caching client B on daemon B, B's table view)."""
     shared = tmp_path / "tree"
