@@ -116,24 +116,25 @@ class Blocking:
         return getattr(self._target, name)
 
 
-def deferring(handle: Callable[..., int], deferred: int) -> Callable[..., int]:
-    """A request handler that serves each request in the aio pool and answers through the
-    completion callback (``handle`` returns ``deferred`` when it does so itself)."""
+def deferring(serve_request: Callable[..., int], deferred: int) -> Callable[..., int]:
+    """A ``serve_request`` that serves each request in the aio pool and answers through the
+    completion callback (``serve_request`` returns ``deferred`` when it does so itself)."""
     pool = ThreadPoolExecutor(AIO_THREADS, thread_name_prefix="aio")
 
     def serve_later(chain: Any, complete: Callable[[int, int], None]) -> None:
         try:
-            n = handle(chain, complete)
-        except BaseException:  # handle() answers errors itself; the queue must not wait
+            n = serve_request(chain, complete)
+        except BaseException:  # serve_request() answers errors itself; the queue must not wait
             complete(chain.head, 0)
             raise
         if n != deferred:
             complete(chain.head, n)
 
-    def deferring_handle(chain: Any, complete: Callable[[int, int], None] | None = None) -> int:
+    def deferring_serve_request(chain: Any,
+                                complete: Callable[[int, int], None] | None = None) -> int:
         if complete is None:  # a caller that cannot take a late answer
-            return handle(chain, None)
+            return serve_request(chain, None)
         pool.submit(serve_later, chain, complete)
         return deferred
 
-    return deferring_handle
+    return deferring_serve_request

@@ -43,8 +43,8 @@ class VirtioFsDevice(Device):
         self.dax = DaxWindow(shmem, 0) if has_window else None
         self.server = FuseServer(aio.for_server(fs), self.dax, dax_policy)
         # Coroutine methods wait in the aio pool, not on the queue's own thread.
-        self._handle = (aio.deferring(self.server.serve_request, DEFERRED) if aio.has_coroutines(fs)
-                        else self.server.serve_request)
+        self._serve_request = (aio.deferring(self.server.serve_request, DEFERRED)
+                               if aio.has_coroutines(fs) else self.server.serve_request)
         if fs.version_table is not None:
             # A guest reads the table in shared memory region 1: no region, no extension.
             if shmem is not None:
@@ -63,7 +63,7 @@ class VirtioFsDevice(Device):
                      if thread_pool_size > 0 else None)
 
     def queue_handler(self, index: int):
-        return self._handle
+        return self._serve_request
 
     def cancel_pending(self, complete=None) -> None:
         self.server.cancel_pending(complete=complete)

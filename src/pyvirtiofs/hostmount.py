@@ -46,8 +46,8 @@ class Mount:
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         fs = as_filesystem(fs)
         self.server = FuseServer(aio.for_server(fs))
-        self._handle = (aio.deferring(self.server.serve_request, DEFERRED) if aio.has_coroutines(fs)
-                        else self.server.serve_request)
+        self._serve_request = (aio.deferring(self.server.serve_request, DEFERRED)
+                               if aio.has_coroutines(fs) else self.server.serve_request)
         self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
             root = os.stat(self.mountpoint)
@@ -86,7 +86,7 @@ class Mount:
                 head = next(self._ids)
                 self._deferred[head] = outbuf  # before: the late reply may come at once
             chain = DescriptorChain(head, [memoryview(inbuf)[:n]], [memoryview(outbuf)])
-            length = self._handle(chain, self._complete)
+            length = self._serve_request(chain, self._complete)
             if length == DEFERRED:
                 outbuf = bytearray(BUFFER_SIZE)  # that one is the deferred reply's now
                 continue

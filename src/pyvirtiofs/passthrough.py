@@ -75,15 +75,15 @@ class CachePolicy:
 
 
 class _Inode:
-    """An inode the guest holds: an O_PATH fd, or (--inode-file-handles) a file handle that
-    is opened for the length of one request only."""
-    __slots__ = ("nodeid", "_fd", "handle", "opener", "key", "refs", "is_symlink", "is_dir",
-                 "is_regular")
+    """An inode the guest holds: an O_PATH fd, or (--inode-file-handles) a Linux file handle
+    (name_to_handle_at(2)) that is opened for the length of one request only."""
+    __slots__ = ("nodeid", "_fd", "file_handle", "opener", "key", "refs", "is_symlink",
+                 "is_dir", "is_regular")
 
-    def __init__(self, nodeid, fd, key, mode, handle=None, opener=None):
+    def __init__(self, nodeid, fd, key, mode, file_handle=None, opener=None):
         self.nodeid = nodeid
         self._fd = fd
-        self.handle = handle
+        self.file_handle = file_handle
         self.opener = opener
         self.key = key
         self.refs = 1
@@ -113,7 +113,8 @@ class _MapSource:
         return self.fs._open_for_mapping(self.nodeid, self.key, writable)
 
 
-class _Handle:
+class _OpenFile:
+    """A file or directory the guest opened: the host fd behind the ``fh`` the guest holds."""
     __slots__ = ("fd", "nodeid", "lock")
 
     def __init__(self, fd, nodeid):
@@ -168,11 +169,11 @@ class PassthroughFs(FileSystem):
         if inode_file_handles not in ("never", "prefer", "mandatory"):
             raise ValueError(f"--inode-file-handles={inode_file_handles}: never, prefer or "
                              "mandatory")
-        self.file_handles = inode_file_handles
+        self.inode_file_handles = inode_file_handles
         # A shared VersionTable (--version-table): every metadata change below bumps it.
         self.version_table = version_table
         self.wants_end_request = inode_file_handles != "never"
-        self._request_fds = threading.local()  # fds opened from handles for one request
+        self._request_fds = threading.local()  # O_PATH fds opened from file handles, per request
         # Reopening an O_PATH fd goes through /proc/self/fd/N, relative to this directory fd,
         # so it keeps working after a chroot into the shared directory.
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -180,7 +181,7 @@ class PassthroughFs(FileSystem):
         self._cwd_lock = threading.Lock()  # the working directory is process-wide
         self._inodes: dict[int, _Inode] = {}
         self._by_key: dict[tuple[int, int], _Inode] = {}
-        self._handles: dict[int, _Handle] = {}
+        self._open_files: dict[int, _OpenFile] = {}
         self._next_nodeid = ROOT_INODE + 1
         self._next_fh = 1
         os.umask(0)  # the guest kernel applied its process's umask already
@@ -192,15 +193,15 @@ class PassthroughFs(FileSystem):
         root = _Inode(ROOT_INODE, fd, (st.st_dev, st.st_ino), st.st_mode)
         self._root_mount_id = None
         self._mount_fd = None  # open_by_handle_at wants a real (not O_PATH) fd on the mount
-        if self.file_handles != "never":
+        if self.inode_file_handles != "never":
             self._mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 _, self._root_mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
             except OSError as e:
-                if self.file_handles == "mandatory":
+                if self.inode_file_handles == "mandatory":
                     raise ValueError(f"file handles unsupported on {self.root}: {e}") from None
                 log.warning("file handles unsupported on %s (%s): using fds", self.root, e)
-                self.file_handles = "never"
+                self.inode_file_handles = "never"
                 self.wants_end_request = False
         root.refs = 1 << 62  # never forgotten
         self._inodes = {ROOT_INODE: root}
@@ -213,11 +214,11 @@ class PassthroughFs(FileSystem):
             raise FsError(errno.EBADF, f"unknown node id {nodeid}")
         return ino
 
-    def _handle(self, fh: int) -> _Handle:
-        h = self._handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF, f"unknown file handle {fh}")
-        return h
+    def _open_file(self, fh: int) -> _OpenFile:
+        open_file = self._open_files.get(fh)
+        if open_file is None:
+            raise FsError(errno.EBADF, f"unknown fh {fh}")
+        return open_file
 
     # -- the version table (--version-table) ------------------------------------------------
     def _bump(self, *keys) -> None:
@@ -245,11 +246,11 @@ class PassthroughFs(FileSystem):
             return super().version_slot(inode)
         return self.version_table.slot(*self._inode(inode).key)
 
-    def _new_handle(self, fd: int, nodeid: int) -> int:
+    def _new_fh(self, fd: int, nodeid: int) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = _Handle(fd, nodeid)
+            self._open_files[fh] = _OpenFile(fd, nodeid)
         return fh
 
     def _entry(self, parent: _Inode, name: bytes) -> Entry:
@@ -274,19 +275,19 @@ class PassthroughFs(FileSystem):
             os.close(fd)
             raise
         key = (st.st_dev, st.st_ino)
-        handle = None
-        if self.file_handles != "never" and key not in self._by_key:
-            handle = self._handle_of(fd)
+        file_handle = None
+        if self.inode_file_handles != "never" and key not in self._by_key:
+            file_handle = self._file_handle_of(fd)
         with self._lock:
             ino = self._by_key.get(key)
             if ino is not None:
                 ino.refs += 1
             else:
-                # With a handle, keep the handle, not the fd: a million inodes need no
+                # With a file handle, keep it, not the fd: a million inodes need no
                 # million fds.  Without one, the inode takes over the fd.
-                if handle is not None:
-                    ino = _Inode(self._next_nodeid, None, key, st.st_mode, handle,
-                                 self._open_handle)
+                if file_handle is not None:
+                    ino = _Inode(self._next_nodeid, None, key, st.st_mode, file_handle,
+                                 self._path_fd_from_file_handle)
                 else:
                     ino = _Inode(self._next_nodeid, fd, key, st.st_mode)
                     fd = -1
@@ -330,34 +331,34 @@ class PassthroughFs(FileSystem):
 
     def _reopen(self, ino: _Inode, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (never a path the guest could swap)."""
-        if ino.handle is not None:
-            return linux.open_by_handle_at(self._mount_fd, ino.handle, flags)
+        if ino.file_handle is not None:
+            return linux.open_by_handle_at(self._mount_fd, ino.file_handle, flags)
         return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     # -- file handles (--inode-file-handles) ------------------------------------------------
-    def _handle_of(self, fd: int) -> bytes | None:
+    def _file_handle_of(self, fd: int) -> bytes | None:
         try:
-            handle, mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
+            file_handle, mount_id = linux.name_to_handle_at(fd, b"", linux.AT_EMPTY_PATH)
         except OSError as e:
-            if self.file_handles == "mandatory":
+            if self.inode_file_handles == "mandatory":
                 raise FsError(errno.EOPNOTSUPP, f"no file handle: {e}") from None
             return None
         if mount_id != self._root_mount_id:
-            # Another mount below the share: its handles need its own mount fd; keep the fd.
-            if self.file_handles == "mandatory":
+            # Another mount below the share: its file handles need its own mount fd; keep the fd.
+            if self.inode_file_handles == "mandatory":
                 raise FsError(errno.EOPNOTSUPP, "file on another mount")
             return None
-        return handle
+        return file_handle
 
-    def _open_handle(self, ino: _Inode) -> int:
-        """An O_PATH fd for a handle-backed inode, shared by the rest of this request and
+    def _path_fd_from_file_handle(self, ino: _Inode) -> int:
+        """An O_PATH fd for a file-handle-backed inode, shared by the rest of this request and
         closed by end_request()."""
         fds = getattr(self._request_fds, "fds", None)
         if fds is None:
             fds = self._request_fds.fds = {}
         fd = fds.get(ino.nodeid)
         if fd is None:
-            fd = linux.open_by_handle_at(self._mount_fd, ino.handle, os.O_PATH | os.O_NOFOLLOW)
+            fd = linux.open_by_handle_at(self._mount_fd, ino.file_handle, os.O_PATH | os.O_NOFOLLOW)
             fds[ino.nodeid] = fd
         return fd
 
@@ -398,13 +399,13 @@ class PassthroughFs(FileSystem):
     def destroy(self) -> None:
         self._locks.clear()
         with self._lock:
-            handles, self._handles = self._handles, {}
+            open_files, self._open_files = self._open_files, {}
             inodes = [i for i in self._inodes.values() if i.nodeid != ROOT_INODE]
             self._inodes = {ROOT_INODE: self._inodes[ROOT_INODE]}
             root = self._inodes[ROOT_INODE]
             self._by_key = {root.key: root}
-        for h in handles.values():
-            os.close(h.fd)
+        for open_file in open_files.values():
+            os.close(open_file.fd)
         for i in inodes:
             i.close()
 
@@ -436,22 +437,24 @@ class PassthroughFs(FileSystem):
         ino.close()
 
     def getattr(self, inode, fh, ctx):
-        fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
+        open_file = self._open_files.get(fh) if fh is not None else None
+        fd = open_file.fd if open_file is not None else self._inode(inode).fd
         return Entry(inode, self._guest_attr(os.stat(fd)), attr_timeout=self.cache.timeout)
 
     def statx(self, inode, fh, ctx):
-        fd = self._handle(fh).fd if fh is not None and fh in self._handles else self._inode(inode).fd
+        open_file = self._open_files.get(fh) if fh is not None else None
+        fd = open_file.fd if open_file is not None else self._inode(inode).fd
         return Entry(inode, self._guest_attr(linux.statx(fd)), attr_timeout=self.cache.timeout)
 
     def setattr(self, inode, fh, req: SetattrRequest, ctx):
         self._check_writable()
         ino = self._inode(inode)
-        hfd = self._handle(fh).fd if fh is not None else None
+        open_fd = self._open_file(fh).fd if fh is not None else None
         if req.mode is not None:
             if ino.is_symlink:
                 raise FsError(errno.EOPNOTSUPP)
-            if hfd is not None:
-                os.fchmod(hfd, stat.S_IMODE(req.mode))
+            if open_fd is not None:
+                os.fchmod(open_fd, stat.S_IMODE(req.mode))
             else:
                 os.chmod(str(ino.fd), stat.S_IMODE(req.mode), dir_fd=self._proc_fd)
         if req.uid is not None or req.gid is not None:
@@ -465,8 +468,8 @@ class PassthroughFs(FileSystem):
             if ino.is_regular:
                 self._remove_mapped_capability(ino.fd)
         if req.size is not None:
-            if hfd is not None:
-                os.ftruncate(hfd, req.size)
+            if open_fd is not None:
+                os.ftruncate(open_fd, req.size)
             elif ino.is_symlink or ino.is_dir:
                 raise FsError(errno.EISDIR if ino.is_dir else errno.EINVAL)
             else:
@@ -476,7 +479,7 @@ class PassthroughFs(FileSystem):
                 finally:
                     os.close(fd)
         if req.kill_suidgid and not ino.is_symlink and not ino.is_dir:
-            self._kill_priv(hfd if hfd is not None else ino.fd)
+            self._kill_priv(open_fd if open_fd is not None else ino.fd)
         if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
             def spec(now, ns):
                 if now:
@@ -673,7 +676,7 @@ class PassthroughFs(FileSystem):
         fd = self._reopen(ino, self._open_flags(flags))
         if flags & os.O_TRUNC and self.version_table is not None:
             self._bump(ino.key)
-        return self._open_result(self._new_handle(fd, inode), flags=flags)
+        return self._open_result(self._new_fh(fd, inode), flags=flags)
 
     def create(self, parent, name, mode, flags, ctx):
         self._check_writable()
@@ -691,7 +694,7 @@ class PassthroughFs(FileSystem):
             raise
         if self.version_table is not None:
             self._bump(p.key, (entry.attr.st_dev, entry.attr.st_ino))
-        return entry, self._open_result(self._new_handle(fd, entry.inode), flags=flags)
+        return entry, self._open_result(self._new_fh(fd, entry.inode), flags=flags)
 
     def tmpfile(self, parent, mode, flags, ctx):
         self._check_writable()
@@ -710,17 +713,17 @@ class PassthroughFs(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._open_result(self._new_handle(fd, entry.inode), flags=flags)
+        return entry, self._open_result(self._new_fh(fd, entry.inode), flags=flags)
 
     def read_into(self, inode, fh, offset, buffers):
-        return os.preadv(self._handle(fh).fd, buffers, offset)
+        return os.preadv(self._open_file(fh).fd, buffers, offset)
 
     def read(self, inode, fh, offset, size):
-        return os.pread(self._handle(fh).fd, size, offset)
+        return os.pread(self._open_file(fh).fd, size, offset)
 
     def write_from(self, inode, fh, offset, buffers, kill_priv, ctx):
         self._check_writable()
-        fd = self._handle(fh).fd
+        fd = self._open_file(fh).fd
         n = os.pwritev(fd, buffers, offset) if buffers else 0
         if kill_priv:
             self._kill_priv(fd)
@@ -764,14 +767,14 @@ class PassthroughFs(FileSystem):
 
     def write(self, inode, fh, offset, data, ctx):
         self._check_writable()
-        n = os.pwrite(self._handle(fh).fd, data, offset)
+        n = os.pwrite(self._open_file(fh).fd, data, offset)
         if self.version_table is not None:
             self._bump_node(inode)
         return n
 
     def flush(self, inode, fh, lock_owner):
         # close() semantics: the guest process closed a file, which drops its POSIX locks.
-        self._handle(fh)
+        self._open_file(fh)
         self._locks.release_owner(inode, lock_owner)
 
     def release(self, inode, fh):
@@ -780,12 +783,12 @@ class PassthroughFs(FileSystem):
 
     def releasedir(self, inode, fh):
         with self._lock:
-            h = self._handles.pop(fh, None)
-        if h is not None:
-            os.close(h.fd)
+            open_file = self._open_files.pop(fh, None)
+        if open_file is not None:
+            os.close(open_file.fd)
 
     def fsync(self, inode, fh, datasync):
-        fd = self._handle(fh).fd
+        fd = self._open_file(fh).fd
         (os.fdatasync if datasync else os.fsync)(fd)
 
     fsyncdir = fsync
@@ -795,17 +798,17 @@ class PassthroughFs(FileSystem):
         if not ino.is_dir:
             raise FsError(errno.ENOTDIR)
         fd = self._reopen(ino, os.O_RDONLY | os.O_DIRECTORY)
-        return self._open_result(self._new_handle(fd, inode), is_dir=True)
+        return self._open_result(self._new_fh(fd, inode), is_dir=True)
 
     def readdir(self, inode, fh, offset):
-        h = self._handle(fh)
+        open_file = self._open_file(fh)
         # A guest reply holds a few dozen entries (4 KiB, ~24 with READDIRPLUS), so start
         # with a small read and grow only for callers that keep going.
         bufsize = 2048
         while True:
-            with h.lock:  # the fd's position is shared; hold it only for seek + read
-                os.lseek(h.fd, offset, os.SEEK_SET)
-                raw = linux.getdents64(h.fd, bufsize)
+            with open_file.lock:  # the fd's position is shared; hold it only for seek + read
+                os.lseek(open_file.fd, offset, os.SEEK_SET)
+                raw = linux.getdents64(open_file.fd, bufsize)
             if not raw:
                 return
             for name, ino, dtype, off in linux.iter_dirents(raw):
@@ -835,20 +838,20 @@ class PassthroughFs(FileSystem):
 
     def fallocate(self, inode, fh, mode, offset, length):
         self._check_writable()
-        linux.fallocate(self._handle(fh).fd, mode, offset, length)
+        linux.fallocate(self._open_file(fh).fd, mode, offset, length)
         if self.version_table is not None:
             self._bump_node(inode)
 
     def lseek(self, inode, fh, offset, whence):
         if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
             raise FsError(errno.EINVAL)
-        return os.lseek(self._handle(fh).fd, offset, whence)
+        return os.lseek(self._open_file(fh).fd, offset, whence)
 
     def copy_file_range(self, inode_in, fh_in, off_in, inode_out, fh_out, off_out, length, flags):
         self._check_writable()
         if flags:
             raise FsError(errno.EINVAL)
-        n = os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, length,
+        n = os.copy_file_range(self._open_file(fh_in).fd, self._open_file(fh_out).fd, length,
                                off_in, off_out)
         if self.version_table is not None:
             self._bump_node(inode_out)
@@ -869,10 +872,11 @@ class PassthroughFs(FileSystem):
         if not ino.is_regular:
             raise FsError(errno.EINVAL, "only regular files can be mapped")
         if fh is not None:
-            h = self._handle(fh)
-            if h.nodeid != inode:
-                raise FsError(errno.EBADF, f"file handle {fh} is not node {inode}'s")
-            if writable and fcntl.fcntl(h.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            open_file = self._open_file(fh)
+            if open_file.nodeid != inode:
+                raise FsError(errno.EBADF, f"fh {fh} is not node {inode}'s")
+            access = fcntl.fcntl(open_file.fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if writable and access == os.O_RDONLY:
                 raise FsError(errno.EACCES, "write mapping of a file opened read-only")
         return _MapSource(self, inode, ino.key)
 
@@ -891,7 +895,7 @@ class PassthroughFs(FileSystem):
 
     def setlk(self, inode, fh, owner, start, end, type_, pid, wait, flock):
         if flock:
-            locks.flock(self._handle(fh).fd, type_)
+            locks.flock(self._open_file(fh).fd, type_)
         else:
             self._inode(inode)
             self._locks.setlk(inode, fh, owner, start, end, type_)

@@ -183,13 +183,14 @@ class FuseServer:
         """Serve one request; returns the number of reply bytes written (0: no reply), or
         DEFERRED when the reply will be delivered later through ``complete(head, length)``."""
         if self._end_request is None:
-            return self._handle(chain, complete)
+            return self._dispatch(chain, complete)
         try:
-            return self._handle(chain, complete)
+            return self._dispatch(chain, complete)
         finally:
             self._end_request()
 
-    def _handle(self, chain, complete):
+    def _dispatch(self, chain, complete):
+        """Check the header and call the opcode's handler (an ``_op_*`` method)."""
         r = chain.reader()
         w = chain.writer()
         try:
