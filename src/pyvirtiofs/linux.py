@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 
 libc = ctypes.CDLL(None, use_errno=True)  # shared by every ctypes caller in the package
 _syscall = libc.syscall
@@ -44,6 +45,19 @@ def setfsuid(uid: int) -> int:
 
 def setfsgid(gid: int) -> int:
     return _syscall(SYS_setfsgid, ctypes.c_uint(gid))
+
+
+CLONE_FS = 0x00000200
+_fs_unshared = threading.local()
+
+
+def own_umask() -> None:
+    """Give the calling thread its own umask (and working directory and root) with
+    unshare(CLONE_FS), once per thread: umask(2) then changes this thread only, not the
+    process a library user runs us in.  Threads it starts later share the new copy."""
+    if not getattr(_fs_unshared, "done", False):
+        check(libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
+        _fs_unshared.done = True
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:

@@ -184,7 +184,6 @@ class PassthroughFs(FileSystem):
         self._open_files: dict[int, _OpenFile] = {}
         self._next_nodeid = ROOT_INODE + 1
         self._next_fh = 1
-        os.umask(0)  # the guest kernel applied its process's umask already
         self._open_root()
 
     def _open_root(self) -> None:
@@ -375,21 +374,30 @@ class PassthroughFs(FileSystem):
 
     @contextmanager
     def _as(self, ctx: Context, parent: _Inode):
-        """Create files in ``parent`` as the guest user: per-thread fsuid/fsgid (root daemons
-        only).  Yields the parent's fd, opened before the switch: a non-zero fsuid clears
-        CAP_DAC_READ_SEARCH, which opening a file handle (--inode-file-handles) needs."""
+        """Create files in ``parent`` as the guest user, changing the calling thread only:
+        fsuid/fsgid (root daemons only) and the umask.  Without --posix-acl the guest kernel
+        applied its umask to the mode already, so the host applies none; with it the guest
+        leaves the umask to us (FUSE_DONT_MASK) and the host kernel applies it, unless the
+        parent has a default ACL, which it applies instead.  Yields the parent's fd, opened
+        before the switch: a non-zero fsuid clears CAP_DAC_READ_SEARCH, which opening a file
+        handle (--inode-file-handles) needs."""
         dfd = parent.fd
         uid, gid = self._host_ids(ctx.uid, ctx.gid) if self._map_ids else (ctx.uid, ctx.gid)
-        if not self.privileged or (uid == 0 and gid == 0):
-            yield dfd
-            return
-        linux.setfsgid(gid)
-        linux.setfsuid(uid)
+        linux.own_umask()  # never the process's: a library user's umask stays theirs
+        old_umask = os.umask(ctx.umask if self.posix_acl else 0)
         try:
-            yield dfd
+            if not self.privileged or (uid == 0 and gid == 0):
+                yield dfd
+                return
+            linux.setfsgid(gid)
+            linux.setfsuid(uid)
+            try:
+                yield dfd
+            finally:
+                linux.setfsuid(0)
+                linux.setfsgid(0)
         finally:
-            linux.setfsuid(0)
-            linux.setfsgid(0)
+            os.umask(old_umask)
 
     # -- session --------------------------------------------------------------------------
     def init(self) -> None:
@@ -511,7 +519,7 @@ class PassthroughFs(FileSystem):
     def mknod(self, parent, name, mode, rdev, ctx):
         self._check_writable()
         p = self._inode(parent)
-        perm = self._creation_mode(p, mode, ctx)
+        perm = stat.S_IMODE(mode)  # umask: see _as
         with self._as(ctx, p) as dfd:
             if stat.S_ISREG(mode):
                 os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
@@ -524,7 +532,7 @@ class PassthroughFs(FileSystem):
     def mkdir(self, parent, name, mode, ctx):
         self._check_writable()
         p = self._inode(parent)
-        perm = self._creation_mode(p, mode, ctx)
+        perm = stat.S_IMODE(mode)  # umask: see _as
         with self._as(ctx, p) as dfd:
             os.mkdir(name, perm, dir_fd=dfd)
         self._label_new(p, name, ctx)
@@ -538,26 +546,7 @@ class PassthroughFs(FileSystem):
             self._bump(parent.key, (entry.attr.st_dev, entry.attr.st_ino))
         return entry
 
-    # -- what new files get: mode under ACLs, security label --------------------------------
-    def _creation_mode(self, parent: _Inode, mode: int, ctx: Context) -> int:
-        """The permission bits to create with.  With --posix-acl the guest leaves the umask
-        to us (FUSE_DONT_MASK): it applies unless the parent directory has a default ACL,
-        which the host kernel then applies instead (the daemon's own umask is 0)."""
-        perm = stat.S_IMODE(mode)
-        if not self.posix_acl or not ctx.umask or self._has_default_acl(parent):
-            return perm
-        return perm & ~ctx.umask
-
-    def _has_default_acl(self, parent: _Inode) -> bool:
-        fd = self._reopen(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.getxattr(fd, "system.posix_acl_default")
-            return True
-        except OSError:  # ENODATA: none; ENOTSUP: no ACLs on this file system
-            return False
-        finally:
-            os.close(fd)
-
+    # -- what new files get: a security label ----------------------------------------------
     def _label_new(self, parent: _Inode, name: bytes, ctx: Context, fd: int | None = None):
         """--security-label: give a new file the security context the guest sent with the
         request; a file that cannot get it is removed again and the error returned."""
@@ -683,7 +672,7 @@ class PassthroughFs(FileSystem):
         p = self._inode(parent)
         flags = (self._open_flags(flags, keep=os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW
                  | os.O_CLOEXEC)
-        perm = self._creation_mode(p, mode, ctx)
+        perm = stat.S_IMODE(mode)  # umask: see _as
         with self._as(ctx, p) as dfd:
             fd = os.open(name, flags, perm, dir_fd=dfd)
         try:
@@ -704,7 +693,7 @@ class PassthroughFs(FileSystem):
         flags = (self._open_flags(flags) & ~os.O_DIRECTORY) | os.O_TMPFILE
         if not flags & (os.O_WRONLY | os.O_RDWR):
             flags |= os.O_RDWR
-        perm = self._creation_mode(p, mode, ctx)
+        perm = stat.S_IMODE(mode)  # umask: see _as
         with self._as(ctx, p) as dfd:
             fd = os.open(str(dfd), flags | os.O_CLOEXEC, perm, dir_fd=self._proc_fd)
         try:

@@ -4,7 +4,8 @@ A small classic-BPF program of our own: wrong architecture -> kill; a system cal
 -> allow; anything else -> the chosen action.  The list is what the daemon was seen to use under
 strace while a real guest exercised every FUSE operation, plus what CPython may need on other
 paths (signals, sleeping, thread start).  Set-up calls (mount, pivot_root, unshare, execve,
-bind, ...) are absent: the filter goes on after the sandbox is entered.
+bind, ...) are absent: the filter goes on after the sandbox is entered.  One exception, checked
+on its argument: unshare(CLONE_FS), with which a serving thread gets a umask of its own.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ ALLOWED = {
     "write": 1, "writev": 20,
 }
 
+SYS_unshare = 272
+CLONE_FS = 0x00000200  # unshare() allowed with exactly this flag (see linux.own_umask)
+_ARG0_LOW = 16  # offsetof(struct seccomp_data, args[0]), its low 32 bits (little endian)
+
 _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
@@ -79,10 +84,16 @@ def build_program(action: int, allowed=ALLOWED.values()) -> bytes:
     ]
     n = len(nrs)
     for i, nr in enumerate(nrs):
-        # on match jump over the remaining compares and the default return to ALLOW
-        prog.append((_BPF_JEQ_K, n - i, 0, nr))
-    prog.append((_BPF_RET_K, 0, 0, action))
-    prog.append((_BPF_RET_K, 0, 0, RET_ALLOW))
+        # on match jump over the remaining compares, the unshare check and the default
+        # return to ALLOW
+        prog.append((_BPF_JEQ_K, n - i + 3, 0, nr))
+    prog += [
+        (_BPF_JEQ_K, 0, 2, SYS_unshare),            # not unshare: the default action
+        (_BPF_LD_W_ABS, 0, 0, _ARG0_LOW),
+        (_BPF_JEQ_K, 1, 0, CLONE_FS),               # unshare(CLONE_FS) only
+        (_BPF_RET_K, 0, 0, action),
+        (_BPF_RET_K, 0, 0, RET_ALLOW),
+    ]
     return b"".join(_INSN.pack(*insn) for insn in prog)
 
 

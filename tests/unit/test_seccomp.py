@@ -65,3 +65,17 @@ def test_trap_mode_raises_sigsys_the_process_can_catch(tmp_path):
         if not caught:
             os._exit(4)
     assert os.waitstatus_to_exitcode(run_filtered("trap", call_and_catch)) == 0
+
+
+def test_unshare_is_allowed_for_clone_fs_only():
+    # A serving thread takes a umask of its own with unshare(CLONE_FS) (linux.own_umask);
+    # any other unshare (namespaces) stays forbidden.
+    from pyvirtiofs import linux
+    status = run_filtered("kill", lambda: linux.check(linux.libc.unshare(linux.CLONE_FS), "x"))
+    assert os.waitstatus_to_exitcode(status) == 0
+    clone_newuts = 0x04000000
+    status = run_filtered("kill", lambda: linux.check(linux.libc.unshare(clone_newuts), "x"))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+    status = run_filtered("kill", lambda: linux.check(
+        linux.libc.unshare(linux.CLONE_FS | clone_newuts), "x"))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
