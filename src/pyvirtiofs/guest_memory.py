@@ -4,9 +4,15 @@ QEMU hands the daemon the guest's RAM as file descriptors (SET_MEM_TABLE, ADD_ME
 region is mapped once and then addressed in two ways: by guest-physical address (what descriptor
 chains contain) and by frontend user address (what SET_VRING_ADDR contains).
 
-Every access the guest asks for goes through :meth:`GuestMemory.slices` / :meth:`GuestMemory.view`,
-which check bounds and return memoryviews into the mapping.  An address outside every region is a
-*guest* error (:class:`GuestMemoryError`), never an IndexError escaping from a worker.
+Every access the guest asks for goes through this module, which checks bounds and returns
+memoryviews into the mapping: :meth:`GuestMemory.view` for things that must be contiguous (rings,
+indirect descriptor tables) and :meth:`GuestMemory.gather` for the buffers of a descriptor chain
+(:meth:`GuestMemory.slices` is ``gather`` of one buffer).  ``gather`` is the request path's one
+checkpoint: it takes the chain's (addr, len) pairs as the guest wrote them, checks each against
+its region once, and merges buffers that follow each other in guest-physical memory within one
+region into one view, so a 1 MiB request in 256 page-sized descriptors of contiguous guest RAM
+is one view, not 256.  An address outside every region is a *guest* error
+(:class:`GuestMemoryError`), never an IndexError escaping from a worker.
 
 A :class:`GuestMemory` is immutable: changing the table builds a new one, and workers holding the
 old one keep valid mappings until they drop it (the mmap closes when the last view goes away).
@@ -80,6 +86,10 @@ class GuestMemory:
         self._starts = [r.guest_phys_addr for r in self.regions]
         self._by_user = sorted(self.regions, key=lambda r: r.user_addr)
         self._user_starts = [r.user_addr for r in self._by_user]
+        # The region the last buffer was in: most guests have one or two regions and chains
+        # stay in one, so gather() tries it before a bisect.  Shared by the queue threads;
+        # any value it holds is a region of this (immutable) table, so a race is harmless.
+        self._hint: MemoryRegion | None = self.regions[0] if self.regions else None
 
     def with_region(self, region: MemoryRegion) -> "GuestMemory":
         return GuestMemory(self.regions + (region,))
@@ -115,20 +125,78 @@ class GuestMemory:
 
     def slices(self, addr: int, length: int) -> list[memoryview]:
         """Views covering [addr, addr+length), split where regions meet (they may be adjacent)."""
-        if length == 0:
-            return []
-        if addr < 0 or length < 0 or addr + length > 1 << 64:
-            raise GuestMemoryError(f"guest range [{addr:#x}, +{length:#x}) wraps")
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(f"guest range [{addr:#x}, +{length:#x}) is negative")
+        return self.gather(((addr, length),))[0]
+
+    def gather(self, buffers) -> tuple[list[memoryview], int]:
+        """Views covering ``buffers`` -- (addr, length, ...) tuples in order, as a chain's
+        descriptors give them -- and their total length.  Each buffer is checked against its
+        region once; consecutive buffers that are contiguous in one region become one view;
+        a buffer across two adjacent regions becomes one view in each; zero-length buffers
+        are skipped (whatever their address).  Addresses and lengths are non-negative (they
+        come from the u64/u32 fields of descriptors).  Raises GuestMemoryError if any byte is outside
+        guest memory."""
+        out: list[memoryview] = []
+        total = 0
+        r = self._hint
+        if r is None:  # no memory at all: only zero-length buffers are fine
+            for b in buffers:
+                if b[1]:
+                    raise GuestMemoryError(f"guest address {b[0]:#x} is not in guest memory")
+            return out, 0
+        base, size = r.guest_phys_addr, r.size
+        run = None            # the region of the view being grown, and its [start, end)
+        start = end = 0
+        for b in buffers:
+            addr = b[0]
+            n = b[1]
+            if not n:
+                continue
+            total += n
+            off = addr - base
+            if off < 0 or off + n > size:
+                r, off = self._locate(addr, n)
+                if off + n > r.size:  # runs into the next region: split there
+                    if run is not None:
+                        out.append(run.view[start:end])
+                    out.extend(self._spanning(r, off, n))
+                    run = None
+                    continue
+                self._hint = r
+                base, size = r.guest_phys_addr, r.size
+            if r is run and off == end:
+                end += n
+            else:
+                if run is not None:
+                    out.append(run.view[start:end])
+                run, start, end = r, off, off + n
+        if run is not None:
+            out.append(run.view[start:end])
+        return out, total
+
+    def _locate(self, addr: int, n: int) -> tuple[MemoryRegion, int]:
+        """The region holding addr and the offset in it; the range may run into the next
+        region only if that one is adjacent (checked by _spanning)."""
+        r = self._find(addr)
+        if r is None or n < 0:
+            raise GuestMemoryError(f"guest address {addr:#x} is not in guest memory")
+        return r, addr - r.guest_phys_addr
+
+    def _spanning(self, r: MemoryRegion, off: int, n: int) -> list[memoryview]:
+        """Views for a range that starts at off in r and continues into adjacent regions."""
+        addr = r.guest_phys_addr + off
         out = []
-        while length:
-            r = self._find(addr)
-            if r is None:
-                raise GuestMemoryError(f"guest address {addr:#x} is not in guest memory")
-            off = addr - r.guest_phys_addr
-            n = min(length, r.size - off)
-            out.append(r.view[off:off + n])
-            addr += n
-            length -= n
+        while n:
+            k = min(n, r.size - off)
+            out.append(r.view[off:off + k])
+            addr += k
+            n -= k
+            if n:
+                r = self._find(addr)
+                if r is None:
+                    raise GuestMemoryError(f"guest range runs past guest memory at {addr:#x}")
+                off = 0
         return out
 
     def user_to_guest(self, user_addr: int) -> int:

@@ -42,6 +42,7 @@ MAX_QUEUE_SIZE = 32768
 
 _DESC = struct.Struct("<QIHH")
 _DESC_ITER = _DESC.iter_unpack
+_DESC_UNPACK_FROM = _DESC.unpack_from
 _fence_lock = threading.Lock()
 
 
@@ -59,30 +60,79 @@ class QueueBroken(Exception):
     """The ring can no longer be trusted; the queue must stop until the device is reset."""
 
 
-class Reader:
-    """Sequential reads from the device-readable part of a chain."""
+class DescriptorChain:
+    """One request taken off a ring: its guest buffers as memoryviews, and the request
+    handler's cursor over them.  The chain is its own reader and writer (no other object is
+    made per request).  What a handler uses:
 
-    __slots__ = ("views", "_i", "_pos", "remaining")
+    ``head``
+        the head descriptor's index (what a deferred ``complete(head, length)`` takes).
+    ``readable`` / ``writable``
+        lists of memoryviews into guest memory, device-readable then device-writable, in
+        chain order.  Buffers contiguous in guest-physical memory are merged into one view,
+        so these lists are short (a 1 MiB request in contiguous guest pages is one view):
+        hand them to ``os.pwritev`` / ``os.preadv`` as they are.
+    ``remaining``
+        readable bytes not consumed yet.  A handler may lower it (to ignore trailing bytes);
+        never raise it.
+    ``read(n) -> bytes``
+        copy the next n readable bytes; ``EOFError`` if fewer remain.
+    ``read_views(n) -> list[memoryview]``
+        the next n readable bytes as views (no copy); ``EOFError`` if fewer remain.
+    ``capacity``
+        bytes of writable space.
+    ``write_at(offset, data) -> end``
+        copy data into the writable space at offset; ``EOFError`` if it does not fit.
+    ``views_at(offset, n) -> list[memoryview]``
+        views of [offset, offset+n) of the writable space, clipped to ``capacity``.
 
-    def __init__(self, views: list[memoryview], total: int | None = None):
-        self.views = views
-        self._i = 0
+    ``reader()`` and ``writer()`` return the chain itself (older callers took two objects);
+    ``Reader`` and ``Writer`` are other names of this class, for annotations.
+
+    Anyone may build one over plain buffers (tests, the host-mount transport):
+    ``DescriptorChain(head, [memoryview(request_bytes)], [memoryview(reply_buffer)])``.
+    """
+
+    __slots__ = ("head", "readable", "writable", "remaining", "capacity", "_i", "_pos")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 readable_len: int | None = None, writable_len: int | None = None):
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.remaining = (sum(len(v) for v in readable) if readable_len is None
+                          else readable_len)
+        self.capacity = (sum(len(v) for v in writable) if writable_len is None
+                         else writable_len)
+        self._i = 0    # the readable view the cursor is in, and the offset in it
         self._pos = 0
-        self.remaining = sum(len(v) for v in views) if total is None else total
 
+    def reader(self) -> "DescriptorChain":
+        return self
+
+    def writer(self) -> "DescriptorChain":
+        return self
+
+    # -- the device-readable part: a cursor --------------------------------------------------
     def read(self, n: int) -> bytes:
         """Copy the next n bytes out of guest memory; raises EOFError if the chain is shorter."""
         if n > self.remaining:
             raise EOFError(f"request needs {n} more bytes, chain has {self.remaining}")
         self.remaining -= n
-        v = self.views[self._i] if self._i < len(self.views) else None
-        if v is not None and self._pos + n <= len(v):
-            out = bytes(v[self._pos:self._pos + n])
-            self._pos += n
-            if self._pos == len(v):
-                self._i += 1
+        views = self.readable
+        i = self._i
+        if i < len(views):
+            v = views[i]
+            pos = self._pos
+            end = pos + n
+            lv = len(v)
+            if end < lv:
+                self._pos = end
+                return bytes(v[pos:end])
+            if end == lv:
+                self._i = i + 1
                 self._pos = 0
-            return out
+                return bytes(v[pos:end])
         return b"".join(self._take(n))
 
     def read_views(self, n: int) -> list[memoryview]:
@@ -94,33 +144,28 @@ class Reader:
 
     def _take(self, n: int) -> list[memoryview]:
         out = []
+        views = self.readable
+        i, pos = self._i, self._pos
         while n:
-            v = self.views[self._i]
-            k = min(n, len(v) - self._pos)
-            out.append(v[self._pos:self._pos + k])
-            self._pos += k
+            v = views[i]
+            lv = len(v)
+            k = lv - pos if lv - pos < n else n
+            out.append(v if (pos == 0 and k == lv) else v[pos:pos + k])
+            pos += k
             n -= k
-            if self._pos == len(v):
-                self._i += 1
-                self._pos = 0
+            if pos == lv:
+                i += 1
+                pos = 0
+        self._i, self._pos = i, pos
         return out
 
-
-class Writer:
-    """Writes into the device-writable part of a chain, at explicit offsets."""
-
-    __slots__ = ("views", "capacity")
-
-    def __init__(self, views: list[memoryview], total: int | None = None):
-        self.views = views
-        self.capacity = sum(len(v) for v in views) if total is None else total
-
+    # -- the device-writable part: explicit offsets ------------------------------------------
     def views_at(self, offset: int, n: int) -> list[memoryview]:
         """Views of [offset, offset+n) of the writable space (clipped to its capacity)."""
         out = []
         end = min(offset + n, self.capacity)
         pos = 0
-        for v in self.views:
+        for v in self.writable:
             lv = len(v)
             if pos + lv > offset:
                 s = offset - pos if offset > pos else 0
@@ -140,13 +185,13 @@ class Writer:
         pos = 0
         p = 0
         mv = None
-        for v in self.views:
+        for v in self.writable:
             lv = len(v)
             if pos + lv > offset:
                 s = offset + p - pos
                 k = lv - s if lv - s < n - p else n - p
                 if p == 0 and k == n:
-                    v[s:s + k] = data  # the usual case: one descriptor takes it all
+                    v[s:s + k] = data  # the usual case: one buffer takes it all
                     return offset + n
                 if mv is None:
                     mv = memoryview(data).cast("B")
@@ -158,24 +203,7 @@ class Writer:
         return offset + n
 
 
-class DescriptorChain:
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
-
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 readable_len: int | None = None, writable_len: int | None = None):
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = (sum(len(v) for v in readable) if readable_len is None
-                             else readable_len)
-        self.writable_len = (sum(len(v) for v in writable) if writable_len is None
-                             else writable_len)
-
-    def reader(self) -> Reader:
-        return Reader(self.readable, self.readable_len)
-
-    def writer(self) -> Writer:
-        return Writer(self.writable, self.writable_len)
+Reader = Writer = DescriptorChain
 
 
 class Virtqueue:
@@ -196,7 +224,6 @@ class Virtqueue:
         self.enabled = False
         self.broken = False
         self._desc = self._avail16 = self._used16 = self._used32 = None
-        self._region_hint = None
         self._lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -216,7 +243,6 @@ class Virtqueue:
         avail = memory.view(avail_addr, 6 + 2 * n)
         used = memory.view(used_addr, 6 + 8 * n)
         self.memory = memory
-        self._region_hint = None
         self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
         self._desc = desc
         self._avail16 = avail.cast("H")
@@ -236,7 +262,6 @@ class Virtqueue:
 
     def reset(self) -> None:
         self._desc = self._avail16 = self._used16 = self._used32 = None
-        self._region_hint = None
         self.memory = None
         self.next_avail = self.next_used = 0
         self.signalled_used = None
@@ -268,70 +293,59 @@ class Virtqueue:
             raise ChainError(f"queue {self.index}, chain {head}: {e}") from None
 
     def _walk(self, head: int) -> DescriptorChain:
-        """Follow the chain from ``head``; every address is checked against guest memory.
-        The descriptors are copied out of guest memory once (a table at a time for indirect
-        tables), so the guest changing them meanwhile cannot make us see two versions."""
-        memory = self.memory
-        regions = memory.regions
-        # Fast path: most guests have one or two regions; try the one that served last.
-        region = self._region_hint or regions[0] if regions else None
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        rlen = wlen = 0
-        desc = _DESC.unpack_from(self._desc, 16 * head)
+        """Follow the chain from ``head``: its structure here (links, loops, direction order,
+        indirect tables), its addresses in one call per direction to GuestMemory.gather, the
+        one place guest addresses are checked.  The descriptors are copied out of guest
+        memory once (a table at a time for indirect tables), so the guest changing them
+        meanwhile cannot make us see two versions."""
+        ring = self._desc
+        d = _DESC_UNPACK_FROM(ring, 16 * head)
         table = None  # the indirect table's descriptors, once we are in one
         count = self.size
         seen = 0
+        rd: list[tuple] = []
+        wr: list[tuple] = []
         while True:
             seen += 1
             if seen > count:
                 raise ChainError("descriptor chain loops or is longer than its table")
-            addr, length, flags, nxt = desc
+            flags = d[2]
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if table is not None:
                     raise ChainError("indirect descriptor inside an indirect table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise ChainError("descriptor has both INDIRECT and NEXT")
+                length = d[1]
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise ChainError(f"indirect table of {length} bytes")
-                off = addr - region.guest_phys_addr if region is not None else -1
-                if 0 <= off and off + length <= region.size:
-                    tview = region.view[off:off + length]
-                else:
-                    try:
-                        tview = memory.view(addr, length)
-                    except GuestMemoryError as e:
-                        raise ChainError(str(e)) from None
-                table = list(_DESC_ITER(tview))
+                try:
+                    table = list(_DESC_ITER(self.memory.view(d[0], length)))
+                except GuestMemoryError as e:
+                    raise ChainError(str(e)) from None
                 count = len(table)
                 seen = 0
-                desc = table[0]
+                d = table[0]
                 continue
-            if length:
-                off = addr - region.guest_phys_addr if region is not None else -1
-                if 0 <= off and off + length <= region.size:
-                    views = (region.view[off:off + length],)
-                else:
-                    try:
-                        views = memory.slices(addr, length)
-                    except GuestMemoryError as e:
-                        raise ChainError(str(e)) from None
-                    found = memory._find(addr)
-                    if found is not None:
-                        region = self._region_hint = found
+            if d[1]:  # zero-length buffers carry nothing: skipped, wherever they point
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.extend(views)
-                    wlen += length
-                elif writable:
+                    wr.append(d)
+                elif wr:
                     raise ChainError("device-readable descriptor after a device-writable one")
                 else:
-                    readable.extend(views)
-                    rlen += length
+                    rd.append(d)
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable, rlen, wlen)
+                break
+            nxt = d[3]
             if nxt >= count:
                 raise ChainError(f"next descriptor {nxt} outside its table of {count}")
-            desc = table[nxt] if table is not None else _DESC.unpack_from(self._desc, 16 * nxt)
+            d = table[nxt] if table is not None else _DESC_UNPACK_FROM(ring, 16 * nxt)
+        gather = self.memory.gather
+        try:
+            readable, rlen = gather(rd)
+            writable, wlen = gather(wr)
+        except GuestMemoryError as e:
+            raise ChainError(str(e)) from None
+        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick for chains after the ones popped so far.  Returns True if

@@ -250,7 +250,7 @@ class FuseServer:
         if w.capacity < 16:
             return 0
         total = 16 + n
-        first = w.views[0]
+        first = w.writable[0]
         if len(first) >= 16:
             _OUT_PACK_INTO(first, 0, total, 0, unique)
         else:
