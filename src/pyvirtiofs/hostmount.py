@@ -37,14 +37,15 @@ BUFFER_SIZE = MAX_WRITE + 8192
 
 class Mount:
     """``fs`` mounted at ``mountpoint`` and served by ``threads`` threads until
-    :meth:`unmount` (or someone else unmounts it).  Raises OSError when mount(2) fails."""
+    :meth:`unmount` (or someone else unmounts it).  Raises OSError when mount(2) fails.
+    ``cache`` is the cache mode of a :class:`PathFileSystem`, as for :class:`Server`."""
 
     def __init__(self, fs: Union[FileSystem, PathFileSystem], mountpoint: str | os.PathLike[str],
-                 *, threads: int = 2, fsname: str = "pyvirtiofs"):
+                 *, threads: int = 2, cache: str | None = None, fsname: str = "pyvirtiofs"):
         if threads < 1:
             raise ValueError(f"threads must be >= 1, not {threads}")
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
-        fs = as_filesystem(fs)
+        fs = as_filesystem(fs, cache)
         self.server = FuseServer(aio.for_server(fs))
         self._serve_request = (aio.deferring(self.server.serve_request, DEFERRED)
                                if aio.has_coroutines(fs) else self.server.serve_request)
@@ -177,10 +178,10 @@ def _connection_id(mountpoint: str) -> int | None:
 
 
 def mount(fs: Union[FileSystem, PathFileSystem], mountpoint: str | os.PathLike[str], *,
-          threads: int = 2) -> None:
+          threads: int = 2, cache: str | None = None) -> None:
     """Mount ``fs`` at ``mountpoint`` and serve it until it is unmounted (``umount``, or
-    Ctrl-C here, which unmounts)."""
-    m = Mount(fs, mountpoint, threads=threads)
+    Ctrl-C here, which unmounts).  Options as for :class:`Mount`."""
+    m = Mount(fs, mountpoint, threads=threads, cache=cache)
     try:
         m.wait()
     finally:

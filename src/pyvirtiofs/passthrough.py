@@ -20,9 +20,10 @@ import os
 import stat
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from . import linux, locks
+from .cache import CachePolicy
 from .idmap import IdMap, MappedStat
 from .xattrmap import XattrMap
 from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
@@ -50,28 +51,6 @@ def _is_mount_point(parent_fd: int, name: bytes | None) -> bool:
                 != linux.mount_id(parent_fd, b"", linux.AT_EMPTY_PATH))
     except OSError:
         return False
-
-
-@dataclass(frozen=True)
-class CachePolicy:
-    """How long the guest may cache entries and attributes, and how it caches file data."""
-    name: str
-    timeout: float
-    direct_io: bool
-    keep_cache: bool
-
-    @classmethod
-    def from_name(cls, name: str) -> "CachePolicy":
-        table = {  # the reference daemon's timeouts
-            "never": cls("never", 0.0, True, False),
-            "auto": cls("auto", 1.0, False, False),
-            "always": cls("always", 86400.0, False, True),
-            "metadata": cls("metadata", 86400.0, True, False),
-        }
-        try:
-            return table[name]
-        except KeyError:
-            raise ValueError(f"unknown cache mode {name!r}; choose from {', '.join(table)}") from None
 
 
 class _Inode:

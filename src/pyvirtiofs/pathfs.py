@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable
 
 from . import aio
+from .cache import CachePolicy
 from .filesystem import (Context, DirEntry, Entry, FileSystem, FileType, FsError, OpenResult,
                          SetattrRequest, StatFs, StatResult)
 from .inodes import HandleTable, InodeTable
@@ -34,7 +35,8 @@ class PathFileSystem:
     not implemented answers ENOSYS (read-only operations) or EROFS (changes)."""
 
     entry_timeout: float = 1.0
-    """Seconds the guest may cache names and attributes (0: ask every time)."""
+    """Seconds the guest may cache names and attributes (0: ask every time); a ``cache=``
+    mode given to :func:`~pyvirtiofs.serve` or :func:`~pyvirtiofs.mount` takes its place."""
 
     def getattr(self, path: str) -> StatResult:
         """The attributes of ``path`` (an :class:`Attr` or ``os.stat_result``); ENOENT if it
@@ -129,12 +131,16 @@ def _path(parent: str, name: bytes) -> str:
 
 
 class PathAdapter(FileSystem):
-    """Serves a :class:`PathFileSystem` through the inode-level API."""
+    """Serves a :class:`PathFileSystem` through the inode-level API.  ``cache`` is a cache
+    mode, as the daemon's ``--cache``: ``"never"``, ``"auto"``, ``"always"`` or ``"metadata"``
+    (None: ``fs.entry_timeout`` for names and attributes, file data cached while open)."""
 
-    def __init__(self, fs: PathFileSystem):
+    def __init__(self, fs: PathFileSystem, cache: str | None = None):
         names = aio.async_methods(fs)
         self.fs: PathFileSystem = aio.Blocking(fs, names) if names else fs  # type: ignore
         self._has_coroutines = bool(names)
+        self.cache = (CachePolicy("auto", fs.entry_timeout, False, False) if cache is None
+                      else CachePolicy.from_name(cache))
         self.inodes: InodeTable[str] = InodeTable("/")
         self.handles: HandleTable[tuple[int, Any]] = HandleTable()  # fh -> (inode, your fh)
 
@@ -151,7 +157,7 @@ class PathAdapter(FileSystem):
     def _entry(self, path: str) -> Entry:
         attr = self.fs.getattr(path)  # before taking a reference: ENOENT must not leak one
         inode = self.inodes.lookup(path)
-        t = self.fs.entry_timeout
+        t = self.cache.timeout
         return Entry(inode, self._with_ino(attr, inode), entry_timeout=t, attr_timeout=t)
 
     @staticmethod
@@ -165,9 +171,8 @@ class PathAdapter(FileSystem):
         self.inodes.forget(inode, nlookup)
 
     def getattr(self, inode: int, fh: int | None, ctx: Context) -> Entry:
-        t = self.fs.entry_timeout
         attr = self.fs.getattr(self._path(inode))
-        return Entry(inode, self._with_ino(attr, inode), attr_timeout=t)
+        return Entry(inode, self._with_ino(attr, inode), attr_timeout=self.cache.timeout)
 
     def setattr(self, inode: int, fh: int | None, req: SetattrRequest, ctx: Context) -> Entry:
         path = self._path(inode)
@@ -241,14 +246,20 @@ class PathAdapter(FileSystem):
 
     def open(self, inode: int, flags: int, ctx: Context) -> OpenResult:
         fh = self.fs.open(self._path(inode), flags)
-        return OpenResult(self.handles.add((inode, fh)))
+        return self._opened(self.handles.add((inode, fh)))
+
+    def _opened(self, fh: int, is_dir: bool = False) -> OpenResult:
+        c = self.cache
+        if is_dir:
+            return OpenResult(fh, cache_dir=c.keep_cache)
+        return OpenResult(fh, direct_io=c.direct_io, keep_cache=c.keep_cache)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, OpenResult]:
         path = _path(self._path(parent), name)
         fh = self.fs.create(path, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), flags)
         entry = self._entry(path)
-        return entry, OpenResult(self.handles.add((entry.inode, fh)))
+        return entry, self._opened(self.handles.add((entry.inode, fh)))
 
     def read(self, inode: int, fh: int, offset: int, size: int) -> bytes:
         return self.fs.read(self._path(inode), self.handles[fh][1], offset, size)
@@ -271,7 +282,7 @@ class PathAdapter(FileSystem):
     def opendir(self, inode: int, ctx: Context) -> OpenResult:
         path = self._path(inode)
         names = [".", ".."] + list(self.fs.readdir(path))
-        return OpenResult(self.handles.add((inode, names)))
+        return self._opened(self.handles.add((inode, names)), is_dir=True)
 
     def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
         path = self._path(inode)

@@ -16,6 +16,7 @@ import stat
 import threading
 from typing import Callable, Union
 
+from .cache import CachePolicy
 from .device import VirtioFsDevice
 from .filesystem import FileSystem
 from .pathfs import PathAdapter, PathFileSystem
@@ -78,17 +79,31 @@ def listen(path: str | os.PathLike[str], *, group: int | None = None) -> socket.
 AnyFileSystem = Union[FileSystem, PathFileSystem]
 
 
-def as_filesystem(fs: AnyFileSystem) -> FileSystem:
-    """The inode-level file system that serves ``fs`` (a :class:`PathFileSystem` is adapted)."""
+def as_filesystem(fs: AnyFileSystem, cache: str | None = None) -> FileSystem:
+    """The inode-level file system that serves ``fs`` (a :class:`PathFileSystem` is adapted,
+    with the cache mode ``cache``)."""
+    check_cache(fs, cache)
     if isinstance(fs, PathFileSystem):
-        return PathAdapter(fs)
+        return PathAdapter(fs, cache)
     return fs
 
 
-def _check(fs: AnyFileSystem, queues: int, thread_pool_size: int) -> None:
+def check_cache(fs: AnyFileSystem, cache: str | None) -> None:
+    """``cache`` is a mode the library can apply to ``fs``: ValueError otherwise."""
+    if cache is None:
+        return
+    CachePolicy.from_name(cache)
+    if not isinstance(fs, PathFileSystem):
+        raise ValueError(f"cache= is for a PathFileSystem; {type(fs).__name__} answers at the "
+                         f"inode level and sets Entry timeouts and OpenResult flags itself")
+
+
+def _check(fs: AnyFileSystem, queues: int, thread_pool_size: int,
+           cache: str | None = None) -> None:
     if not isinstance(fs, (FileSystem, PathFileSystem)):
         raise TypeError(f"expected a pyvirtiofs.FileSystem or PathFileSystem, "
                         f"not {type(fs).__name__}")
+    check_cache(fs, cache)
     if not 1 <= queues <= MAX_REQUEST_QUEUES:
         raise ValueError(f"queues must be 1..{MAX_REQUEST_QUEUES}, not {queues}")
     if thread_pool_size < 0:
@@ -102,14 +117,20 @@ class Server:
 
     ``queues`` is how many request queues the device offers (the VM uses as many as it was
     configured with, up to that); ``thread_pool_size`` threads serve requests that wait behind
-    others on a queue (0: each queue's thread serves its requests in turn)."""
+    others on a queue (0: each queue's thread serves its requests in turn).  ``cache``, for a
+    :class:`PathFileSystem`, is the cache mode, with the values of the daemon's ``--cache``:
+    ``"never"`` (the guest asks every time and caches no file data), ``"auto"`` (1 s; file
+    data cached while open), ``"always"`` (a day; the page cache survives opens: only when
+    nothing but the guest changes the files) or ``"metadata"`` (a day; no file data cache).
+    None: the file system's ``entry_timeout``, as ``"auto"``."""
 
     def __init__(self, fs: AnyFileSystem, socket_path: str | os.PathLike[str], *, queues: int = 1,
-                 thread_pool_size: int = 0):
-        _check(fs, queues, thread_pool_size)
+                 cache: str | None = None, thread_pool_size: int = 0):
+        _check(fs, queues, thread_pool_size, cache)
         self.fs = fs
         self.socket_path = os.fspath(socket_path)
         self.queues = queues
+        self.cache = cache
         self.thread_pool_size = thread_pool_size
         self.error: BaseException | None = None
         self._listener: socket.socket | None = listen(self.socket_path)
@@ -122,7 +143,7 @@ class Server:
     def _run(self) -> None:
         try:
             assert self._listener is not None
-            serve_listener(self.fs, self._listener, queues=self.queues,
+            serve_listener(self.fs, self._listener, queues=self.queues, cache=self.cache,
                            thread_pool_size=self.thread_pool_size, on_connect=self._connected,
                            socket_path=self.socket_path)
         except OSError as e:
@@ -169,12 +190,12 @@ class Server:
 
 
 def serve_listener(fs: AnyFileSystem, listener: socket.socket, *, queues: int = 1,
-                   thread_pool_size: int = 0,
+                   cache: str | None = None, thread_pool_size: int = 0,
                    on_connect: Callable[[socket.socket], None] | None = None,
                    socket_path: str | None = None) -> None:
     """Accept one frontend on ``listener`` (closed afterwards) and serve it until it leaves.
     ``socket_path``, when given, is removed once the frontend is connected."""
-    _check(fs, queues, thread_pool_size)
+    _check(fs, queues, thread_pool_size, cache)
     try:
         log.info("waiting for a vhost-user frontend on %s", socket_path or listener)
         conn, _ = listener.accept()
@@ -188,16 +209,17 @@ def serve_listener(fs: AnyFileSystem, listener: socket.socket, *, queues: int = 
     log.info("frontend connected")
     if on_connect is not None:
         on_connect(conn)
-    device = VirtioFsDevice(as_filesystem(fs), num_request_queues=queues, thread_pool_size=thread_pool_size)
+    device = VirtioFsDevice(as_filesystem(fs, cache), num_request_queues=queues,
+                            thread_pool_size=thread_pool_size)
     VhostUserSession(device).serve(conn)
 
 
 def serve(fs: AnyFileSystem, socket_path: str | os.PathLike[str], *, queues: int = 1,
-          thread_pool_size: int = 0) -> None:
+          cache: str | None = None, thread_pool_size: int = 0) -> None:
     """Listen on ``socket_path``, serve the first vhost-user frontend that connects (a VM
     started with ``-chardev socket,path=SOCKET -device vhost-user-fs-pci,tag=TAG``) and return
     when it disconnects.  The socket file is removed once the frontend is connected.
     Options as for :class:`Server`."""
-    _check(fs, queues, thread_pool_size)
-    serve_listener(fs, listen(socket_path), queues=queues, thread_pool_size=thread_pool_size,
-                   socket_path=os.fspath(socket_path))
+    _check(fs, queues, thread_pool_size, cache)
+    serve_listener(fs, listen(socket_path), queues=queues, cache=cache,
+                   thread_pool_size=thread_pool_size, socket_path=os.fspath(socket_path))

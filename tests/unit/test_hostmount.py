@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import tempfile
 import subprocess
 import sys
@@ -60,6 +61,41 @@ def test_path_example_mounted_on_the_host(tmp_path):
             os.stat(mnt / "nope")
     assert not m.mounted and not mounted(mnt)
     assert os.listdir(mnt) == []
+
+
+class ChangingFile(pyvirtiofs.PathFileSystem):
+    """One file whose contents change behind the kernel's back (as a network store's do)."""
+    def __init__(self):
+        self.data = b"old data\n"
+
+    def getattr(self, path):
+        if path == "/":
+            return pyvirtiofs.Attr(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+        if path != "/f":
+            raise pyvirtiofs.FsError(errno.ENOENT)
+        return pyvirtiofs.Attr(st_mode=stat.S_IFREG | 0o644, st_size=len(self.data))
+
+    def readdir(self, path):
+        return ["f"]
+
+    def read(self, path, fh, offset, size):
+        return self.data[offset:offset + size]
+
+
+@pytest.mark.parametrize("cache, sees_the_change", [("never", True), ("auto", True),
+                                                    ("always", False)])
+def test_cache_mode_decides_what_the_kernel_keeps(tmp_path, cache, sees_the_change):
+    fs = ChangingFile()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pyvirtiofs.Mount(fs, mnt, cache=cache):
+        assert (mnt / "f").read_bytes() == b"old data\n"
+        fs.data = b"NEW DATA\n"  # the same size: only the contents tell
+        again = (mnt / "f").read_bytes()  # a new open: "always" keeps the page cache
+        assert again == (b"NEW DATA\n" if sees_the_change else b"old data\n")
+        if cache != "auto":  # auto trusts attributes for 1 s: either answer is right
+            fs.data = b"longer data now\n"
+            assert os.stat(mnt / "f").st_size == (16 if sees_the_change else 9)
 
 
 def test_mount_returns_when_unmounted_from_outside(tmp_path):

@@ -116,7 +116,36 @@ def test_bad_arguments_are_refused_clearly(sock):
         pyvirtiofs.serve(OneFile(), sock, queues=0)
     with pytest.raises(TypeError, match="FileSystem"):
         pyvirtiofs.serve(object(), sock)
+    path_fs = load_example("path_fs").DictFs()
+    with pytest.raises(ValueError, match="unknown cache mode 'sometimes'; choose from never, "
+                                         "auto, always, metadata"):
+        pyvirtiofs.serve(path_fs, sock, cache="sometimes")
+    # an inode-level file system answers its own timeouts and open flags
+    with pytest.raises(ValueError, match="cache= is for a PathFileSystem; OneFile answers"):
+        pyvirtiofs.Server(OneFile(), sock, cache="never")
     assert not os.path.exists(sock)
+
+
+FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1, 2, 8
+
+
+@pytest.mark.parametrize("cache, timeout, file_flags, dir_flags", [
+    (None, 1, 0, 0),  # the file system's entry_timeout (1 s), data cached while open
+    ("never", 0, FOPEN_DIRECT_IO, 0),
+    ("auto", 1, 0, 0),
+    ("always", 86400, FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR),
+    ("metadata", 86400, FOPEN_DIRECT_IO, 0),
+])
+def test_cache_mode_of_a_path_filesystem(sock, cache, timeout, file_flags, dir_flags):
+    # the same modes as pyvirtiofsd --cache, in what the guest is told
+    with pyvirtiofs.Server(load_example("path_fs").DictFs(), sock, cache=cache), \
+            FuseClient.connect(sock) as c:
+        e = c.lookup(1, b"README")
+        assert (e.entry_valid, e.attr_valid) == (timeout, timeout)
+        assert c.getattr(e.nodeid).attr_valid == timeout
+        assert c.open(e.nodeid).open_flags == file_flags
+        assert c.create(1, b"new")[1].open_flags == file_flags
+        assert c.opendir(1).open_flags == dir_flags
 
 
 def test_listen_replaces_a_stale_socket_and_refuses_a_live_one(sock):
@@ -260,7 +289,7 @@ def test_mypy_is_clean_on_the_public_api():
     from mypy import api as mypy  # pinned in requirements-test.txt
     src = Path(pyvirtiofs.__file__).parent
     files = [str(src / f) for f in ("__init__.py", "filesystem.py", "inodes.py", "pathfs.py",
-                                     "serving.py", "aio.py", "hostmount.py")]
+                                     "serving.py", "aio.py", "hostmount.py", "cache.py")]
     out, err, status = mypy.run(["--strict", "--follow-imports=silent",
                                  "--no-error-summary", "--cache-dir=/dev/null",
                                  "--python-version", "3.11", *files])
