@@ -165,8 +165,9 @@ class XattrMapRule:
 
 @dataclass
 class Config:
-    """Everything the command line decides.  Defaults are virtiofsd 1.13's unless a comment
-    says otherwise."""
+    """Everything the command line decides.  Every default of an option virtiofsd 1.13 has is
+    virtiofsd 1.13's (tests/unit/test_defaults.py compares them with its --help); the options
+    it lacks say what their default is and why."""
     # where and what
     shared_dir: str | None = None
     source: str | None = None            # an fsspec URL served instead of shared_dir
@@ -181,12 +182,12 @@ class Config:
     writeback: bool = False              # FUSE_WRITEBACK_CACHE
     allow_direct_io: bool = False        # keep the guest's O_DIRECT (else stripped)
     allow_mmap: bool = False             # shared mmap under cache=never|metadata
-    killpriv_v2: bool = True             # differs: virtiofsd's default is off
+    killpriv_v2: bool = False
     preserve_noatime: bool = False       # else O_NOATIME is dropped from opens
     readdirplus: bool = True
     announce_submounts: bool = True
     # extended attributes, ACLs, security labels, identities
-    xattr: bool = True                   # differs: virtiofsd's default is off
+    xattr: bool = False
     posix_acl: bool = False
     security_label: bool = False
     xattrmap: tuple[XattrMapRule, ...] | None = None
@@ -194,7 +195,8 @@ class Config:
     translate_gid: tuple[TranslateRule, ...] = ()
     uid_map: tuple[NamespaceIdRange, ...] = ()
     gid_map: tuple[NamespaceIdRange, ...] = ()
-    # locks (beyond virtiofsd, which answers ENOSYS)
+    # locks (beyond virtiofsd, whose guests keep their locks to themselves): on, so locks hold
+    # across guests and host processes; -o no_posix_lock/no_flock give virtiofsd's behaviour
     posix_lock: bool = True
     flock: bool = True
     # inodes
@@ -207,9 +209,9 @@ class Config:
     dax: str | None = None               # never | always | inode: files with FUSE_ATTR_DAX
     # confinement and resources
     sandbox: str = "namespace"           # namespace | chroot | none
-    seccomp: str = "none"                # differs: virtiofsd's default is kill
+    seccomp: str = "kill"                # --source: none (the store client needs the network)
     modcaps: str | None = None           # '+a:-b' or '+a,-b'
-    rlimit_nofile: int | None = None     # None: raise to the hard limit; 0: leave alone
+    rlimit_nofile: int | None = None     # None: min(1000000, nr_open); 0: leave alone
     thread_pool_size: int = 0
     # migration (not implemented; only the defaults are accepted)
     migration_mode: str = "find-paths"

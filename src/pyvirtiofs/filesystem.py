@@ -58,8 +58,9 @@ class FsError(Exception):
 
 class Context:
     """Who asks: the credentials of the guest process behind a request (``uid``, ``gid``,
-    ``pid``, and for requests that create something the ``umask`` to apply)."""
-    __slots__ = ("uid", "gid", "pid", "umask", "secctx")
+    ``pid``, and for requests that create something the ``umask`` to apply and
+    ``supp_groups``, the caller's supplementary groups the guest sent along)."""
+    __slots__ = ("uid", "gid", "pid", "umask", "secctx", "supp_groups")
 
     def __init__(self, uid: int, gid: int, pid: int, umask: int = 0):
         self.uid = uid
@@ -68,6 +69,10 @@ class Context:
         self.umask = umask
         # (xattr name, value): the security context a new file must get (FUSE_SECURITY_CTX)
         self.secctx: tuple[bytes, bytes] | None = None
+        # FUSE_CREATE_SUPP_GROUP: the caller's supplementary group owning the parent directory,
+        # when it is not the caller's gid (a creator may need it to write there); () when the
+        # guest needed none, None when the guest cannot tell (it lacks the extension)
+        self.supp_groups: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Context(uid={self.uid}, gid={self.gid}, pid={self.pid}, umask={self.umask:o})"

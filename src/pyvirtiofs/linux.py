@@ -60,6 +60,39 @@ def own_umask() -> None:
         _fs_unshared.done = True
 
 
+SYS_setgroups = 116
+SYS_capget = 125
+SYS_capset = 126
+_CAP_VERSION_3 = 0x20080522
+CAP_DAC_OVERRIDE = 1
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def raise_thread_capability(cap: int) -> None:
+    """Put ``cap`` (from the permitted set) into the calling thread's effective set; the
+    raw capset changes this thread only.  OSError (EPERM) if it is not permitted."""
+    hdr = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    check(_syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
+    data[cap // 32].effective |= 1 << (cap % 32)
+    check(_syscall(SYS_capset, ctypes.byref(hdr), data), "capset")
+
+
+def set_thread_groups(gids) -> None:
+    """The calling thread's supplementary groups (the raw syscall; glibc's setgroups, and so
+    os.setgroups, changes every thread of the process).  Needs CAP_SETGID."""
+    arr = (ctypes.c_uint * max(len(gids), 1))(*gids)
+    check(_syscall(SYS_setgroups, ctypes.c_size_t(len(gids)), arr), "setgroups")
+
+
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
     check(_syscall(SYS_renameat2, olddirfd, ctypes.c_char_p(oldname), newdirfd,
                     ctypes.c_char_p(newname), ctypes.c_uint(flags)), "renameat2")

@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --cache=never or metadata, let the guest mmap files shared")
     cache.add_argument("--killpriv-v2", dest="killpriv_v2", action="store_true", default=S,
                        help="the daemon clears suid/sgid/capabilities on writes, truncates "
-                            "and chown by the guest (FUSE_HANDLE_KILLPRIV_V2; default on)")
+                            "and chown by the guest (FUSE_HANDLE_KILLPRIV_V2)")
     cache.add_argument("--no-killpriv-v2", dest="killpriv_v2", action="store_false", default=S,
-                       help="leave that to the guest kernel")
+                       help="leave that to the guest kernel (the default)")
     cache.add_argument("--preserve-noatime", action="store_true", default=S,
                        help="keep the guest's O_NOATIME (default: drop it)")
     cache.add_argument("--no-readdirplus", dest="readdirplus", action="store_false", default=S,
@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "existing table keeps its own; default 64k)")
     xa = p.add_argument_group("extended attributes and identities")
     xa.add_argument("--xattr", dest="xattr", action="store_true", default=S,
-                    help="serve extended attributes (default on)")
+                    help="serve extended attributes")
     xa.add_argument("--no-xattr", dest="xattr", action="store_false", default=S,
-                    help="answer extended-attribute requests with ENOSYS")
+                    help="answer extended-attribute requests with ENOSYS (the default)")
     xa.add_argument("--posix-acl", action="store_true", default=S,
                     help="POSIX ACLs (implies --xattr)")
     xa.add_argument("--security-label", action="store_true", default=S,
@@ -199,11 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="confine the daemon to the shared directory (default namespace)")
     conf.add_argument("--seccomp", choices=["none", "kill", "log", "trap"], default=S,
                       help="system-call allow-list and what to do with other calls "
-                           "(default none)")
+                           "(default kill; none with --source)")
     conf.add_argument("--modcaps", default=S,
                       help="adjust the capabilities kept: +a:-b or +a,-b")
     conf.add_argument("--rlimit-nofile", type=_non_negative, default=S,
-                      help="open-file limit (0 leaves it; default: the hard limit)")
+                      help="open-file limit (0 leaves it; default: min(1000000, "
+                           "/proc/sys/fs/nr_open), or the hard limit when that fails)")
     conf.add_argument("--thread-pool-size", type=_non_negative, default=S,
                       help="threads that take requests off a busy queue (0: none, the "
                            "default)")
@@ -236,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "[no_]xattr, [no_]flock, [no_]posix_lock, [no_]writeback, "
                             "[no_]readdirplus, [no_]allow_direct_io, [no_]killpriv_v2, "
                             "[no_]posix_acl, [no_]security_label, announce_submounts, "
-                            "xattrmap=, modcaps=, log_level=, sandbox=, timeout=, debug, "
-                            "norace")
+                            "xattrmap=, modcaps=, log_level=|loglevel=, sandbox=, timeout=, "
+                            "debug, norace")
     other.add_argument("-f", dest="foreground", action="store_true",
                        help="no effect: the daemon always stays in the foreground")
     other.add_argument("--print-capabilities", action="store_true", default=S,
@@ -263,7 +264,7 @@ _COMPAT_FLAGS = {
 }
 _COMPAT_LOG_LEVELS = {"err": "error", "error": "error", "warn": "warn", "info": "info",
                       "debug": "debug"}
-_COMPAT_CACHE = {"none": "never", "auto": "auto", "always": "always"}
+_COMPAT_CACHE = {"none": "never", "auto": "auto", "always": "always", "metadata": "metadata"}
 
 
 def _split_compat(text: str) -> list[str]:
@@ -298,11 +299,11 @@ def _apply_compat(values: dict, text: str) -> None:
             values["shared_dir"] = value
         elif name == "cache" and eq:
             if value not in _COMPAT_CACHE:
-                raise UsageError(f"{where}: cache is one of none, auto, always")
+                raise UsageError(f"{where}: cache is one of none, auto, always, metadata")
             values["cache"] = _COMPAT_CACHE[value]
-        elif name == "log_level" and eq:
+        elif name in ("log_level", "loglevel") and eq:  # the C and the Rust spelling
             if value not in _COMPAT_LOG_LEVELS:
-                raise UsageError(f"{where}: log_level is one of err, warn, info, debug")
+                raise UsageError(f"{where}: {name} is one of err, warn, info, debug")
             values["log_level"] = _COMPAT_LOG_LEVELS[value]
         elif name == "sandbox" and eq:
             if value not in ("namespace", "chroot"):
@@ -414,6 +415,8 @@ def _check_source(c: Config, given: dict) -> None:
     if given.get("sandbox", "none") != "none":
         raise UsageError("--source needs the network: only --sandbox=none goes with it")
     c.sandbox = "none"
+    if "seccomp" not in given:  # the allow-list is the host directory's; a store client's
+        c.seccomp = "none"      # network and TLS calls are not on it
 
 
 def capabilities_json() -> str:

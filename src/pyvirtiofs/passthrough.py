@@ -354,7 +354,12 @@ class PassthroughFs(FileSystem):
     @contextmanager
     def _as(self, ctx: Context, parent: _Inode):
         """Create files in ``parent`` as the guest user, changing the calling thread only:
-        fsuid/fsgid (root daemons only) and the umask.  Without --posix-acl the guest kernel
+        fsuid/fsgid (root daemons only), the umask, and the supplementary group the guest
+        sent (FUSE_CREATE_SUPP_GROUP), so the host lets a member of the parent's group write
+        there and keeps a setgid bit the guest asked for.  A guest without that extension
+        (Linux before 6.3) cannot say which group the caller writes through: as virtiofsd,
+        the thread keeps CAP_DAC_OVERRIDE then, and the guest's own permission check
+        (default_permissions) is the one that counts.  Without --posix-acl the guest kernel
         applied its umask to the mode already, so the host applies none; with it the guest
         leaves the umask to us (FUSE_DONT_MASK) and the host kernel applies it, unless the
         parent has a default ACL, which it applies instead.  Yields the parent's fd, opened
@@ -368,13 +373,31 @@ class PassthroughFs(FileSystem):
             if not self.privileged or (uid == 0 and gid == 0):
                 yield dfd
                 return
+            groups = None
+            if ctx.supp_groups:
+                wanted = [self.gid_map.to_host(g) if self.gid_map is not None else g
+                          for g in ctx.supp_groups]  # EPERM for a forbidden one
+                groups = os.getgroups()
+                try:
+                    linux.set_thread_groups(wanted)
+                except OSError as e:  # e.g. a user namespace where setgroups is denied
+                    log.debug("supplementary groups %s not taken: %s", wanted, e)
+                    groups = None
             linux.setfsgid(gid)
             linux.setfsuid(uid)
             try:
+                if ctx.supp_groups is None and uid != 0:
+                    # setfsuid(0) at the end brings the other file-system capabilities back
+                    try:
+                        linux.raise_thread_capability(linux.CAP_DAC_OVERRIDE)
+                    except OSError:  # --modcaps=-dac_override: the host's check counts
+                        pass
                 yield dfd
             finally:
                 linux.setfsuid(0)
                 linux.setfsgid(0)
+                if groups is not None:
+                    linux.set_thread_groups(groups)
         finally:
             os.umask(old_umask)
 

@@ -21,7 +21,7 @@ import logging
 import os
 import resource
 
-from .linux import check, libc
+from .linux import _CAP_VERSION_3, SYS_capget, SYS_capset, _CapData, _CapHeader, check, libc
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,6 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 SYS_pivot_root = 155
-SYS_capget = 125
-SYS_capset = 126
-_CAP_VERSION_3 = 0x20080522
 
 CAPS = {
     "chown": 0, "dac_override": 1, "dac_read_search": 2, "fowner": 3, "fsetid": 4, "kill": 5,
@@ -230,15 +227,6 @@ def parse_modcaps(spec: str | None) -> set[str]:
     return caps
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
 def drop_capabilities(keep: set[str]) -> None:
     """Keep only ``keep`` in the effective and permitted sets (process-wide: call before
     threads start, as capset only affects the calling thread)."""
@@ -264,14 +252,31 @@ def effective_capabilities() -> int:
     return data[0].effective | (data[1].effective << 32)
 
 
+DEFAULT_NOFILE = 1_000_000  # virtiofsd's target when --rlimit-nofile is not given
+
+
 def set_rlimit_nofile(n: int | None) -> None:
-    """Raise (or set) the open-file limit: every looked-up inode holds an fd."""
+    """Raise (or set) the open-file limit: every looked-up inode holds an fd.  Without a
+    value, as virtiofsd: min(1000000, /proc/sys/fs/nr_open) unless the soft limit is already
+    that high, and the hard limit when the target cannot be set (an ordinary user)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if n is None else n
+    if n is None:
+        if soft >= DEFAULT_NOFILE:
+            return
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = min(DEFAULT_NOFILE, int(f.read()))
+        except (OSError, ValueError):
+            want = hard
+    else:
+        want = n
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
     except (ValueError, OSError) as e:
         if n is not None:
             raise SandboxError(f"cannot set RLIMIT_NOFILE to {n}: {e}") from None
-        log.debug("RLIMIT_NOFILE stays %d: %s", soft, e)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e2:
+            log.debug("RLIMIT_NOFILE stays %d: %s", soft, e2)
 

@@ -2,7 +2,10 @@
 
 The daemon under test is pyvirtiofsd by default::
 
-    python -m pyvirtiofs --socket-path=S --shared-dir=D
+    python -m pyvirtiofs --socket-path=S --shared-dir=D --xattr
+
+(the battery uses extended attributes, which are off by default, as in virtiofsd; every other
+setting is the default, the seccomp allow-list with kill included).
 
 Set ``PYVIRTIOFS_E2E_DAEMON=/path/to/virtiofsd`` to test another daemon (for
 example the Rust reference); it is started as::
@@ -47,7 +50,8 @@ def daemon_argv(socket_path: str, shared_dir: str) -> list[str]:
     # PYVIRTIOFS_E2E_ARGS: extra pyvirtiofsd options for a whole run (e.g. the sandbox,
     # seccomp or --inode-file-handles variants)
     return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={socket_path}",
-            f"--shared-dir={shared_dir}", *shlex.split(os.environ.get("PYVIRTIOFS_E2E_ARGS", ""))]
+            f"--shared-dir={shared_dir}", "--xattr",
+            *shlex.split(os.environ.get("PYVIRTIOFS_E2E_ARGS", ""))]
 
 
 def daemon_env() -> dict[str, str]:

@@ -31,7 +31,8 @@ def test_stress_ng_file_system_stressors(guest_ready, short_tmp):
     shared.mkdir(parents=True)
     sock = str(tmp / "s.sock")
     d = guestvm.DaemonProcess([sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
-                               f"--shared-dir={shared}"], sock, env=daemon_env()).start()
+                               f"--shared-dir={shared}", "--xattr"],  # the xattr stressor
+                              sock, env=daemon_env()).start()
     script = "mkdir -p /mnt/vfs/s && cd /mnt/vfs/s\n" + "".join(
         f"stress-ng --{s} 2 {EXTRA.get(s, '')} --timeout {secs}s --verify --temp-path /mnt/vfs/s "
         f"--hdd-bytes 8M --metrics-brief >/tmp/{s}.log 2>&1; rc=$?; "

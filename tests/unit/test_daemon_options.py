@@ -160,7 +160,9 @@ def test_modcaps_changes_the_capabilities_kept(start_daemon):
 
 
 def test_no_xattr_answers_enosys(start_daemon):
-    for args, works in (((), True), (("--no-xattr",), False), (("-o", "no_xattr"), False)):
+    # off unless asked, as in virtiofsd
+    for args, works in (((), False), (("--xattr",), True), (("-o", "xattr"), True),
+                        (("--xattr", "--no-xattr"), False), (("-o", "xattr,no_xattr"), False)):
         d = start_daemon(extra_args=args)
         f = Path(d.shared_dir) / "f"
         f.write_text("x")

@@ -120,7 +120,8 @@ class Hostile:
 
 
 @pytest.fixture
-def h(daemon):
+def h(start_daemon):
+    daemon = start_daemon(extra_args=["--xattr"])  # the xattr requests get served too
     hs = Hostile(daemon)
     yield hs
     assert hs.intact(), "the daemon wrote outside the buffers it was given"

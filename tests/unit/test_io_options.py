@@ -49,9 +49,11 @@ def init_flags(start_daemon, *args, offer=LINUX_6_1_INIT_FLAGS) -> int:
 def test_readdirplus_killpriv_writeback_allow_mmap_in_init(start_daemon):
     default = init_flags(start_daemon)
     assert default & abi.DO_READDIRPLUS and default & abi.READDIRPLUS_AUTO
-    assert default & abi.HANDLE_KILLPRIV_V2
+    assert not default & abi.HANDLE_KILLPRIV_V2  # off by default, as in virtiofsd
     assert not default & abi.WRITEBACK_CACHE
-    no = init_flags(start_daemon, "--no-readdirplus", "--no-killpriv-v2")
+    assert init_flags(start_daemon, "--killpriv-v2") & abi.HANDLE_KILLPRIV_V2
+    assert init_flags(start_daemon, "-o", "killpriv_v2") & abi.HANDLE_KILLPRIV_V2
+    no = init_flags(start_daemon, "--no-readdirplus", "--killpriv-v2", "--no-killpriv-v2")
     assert not no & (abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO | abi.HANDLE_KILLPRIV_V2)
     assert init_flags(start_daemon, "--writeback") & abi.WRITEBACK_CACHE
     assert init_flags(start_daemon, "-o", "writeback") & abi.WRITEBACK_CACHE

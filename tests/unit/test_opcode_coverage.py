@@ -116,7 +116,7 @@ def test_pyvirtiofsd_answers_every_operation_the_reference_answers(start_daemon,
         ref = probe(FuseClient.connect(peer.socket_path), ref_shared)
     ours_shared = tmp_path / "ours"
     ours_shared.mkdir()
-    ours = probe(start_daemon(ours_shared).client(), ours_shared)
+    ours = probe(start_daemon(ours_shared, extra_args=["--xattr"]).client(), ours_shared)
     answered = {name for name, err in ref.items() if err != errno.ENOSYS}
     # the probe reaches the reference's implementations (else this test could not fail)
     assert len(answered) >= 30, ref

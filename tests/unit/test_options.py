@@ -47,6 +47,9 @@ def test_compat_options_map_onto_the_long_ones():
     assert (c.log_level, c.sandbox, c.modcaps, c.timeout) == \
         ("error", "chroot", "+sys_admin:-mknod", 2.5)
     assert parse(["--socket-path=/s", "-o", "source=/d", "-o", "debug"]).log_level == "debug"
+    # the Rust virtiofsd's spellings: loglevel= and cache=metadata
+    rust = parse(["--socket-path=/s", "-o", "source=/d,loglevel=warn,cache=metadata"])
+    assert (rust.log_level, rust.cache) == ("warn", "metadata")
     # a long option given too wins over -o
     assert parse(BASE + ["-o", "cache=always", "--cache=never"]).cache == "never"
 

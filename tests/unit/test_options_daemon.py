@@ -28,8 +28,9 @@ def _caps(pid: int) -> tuple[int, int, int]:
                  for k in ("CapEff", "CapPrm", "CapInh"))
 
 
-def test_nine_capabilities_kept_by_default(daemon, tmp_path):
+def test_nine_capabilities_kept_by_default(start_daemon, tmp_path):
     _need_root()
+    daemon = start_daemon(extra_args=["--xattr"])
     daemon.wait_log("waiting for a vhost-user frontend")
     eff, prm, inh = _caps(daemon.pid)
     assert eff == prm and bin(eff).count("1") == 9 and inh == 0, (hex(eff), hex(prm), hex(inh))
@@ -45,7 +46,7 @@ def test_nine_capabilities_kept_by_default(daemon, tmp_path):
 
 def test_modcaps_takes_chown_away_and_gives_sys_admin(start_daemon, tmp_path):
     _need_root()
-    d = start_daemon(extra_args=["--modcaps=-chown,+sys_admin"])
+    d = start_daemon(extra_args=["--modcaps=-chown,+sys_admin", "--xattr"])
     d.wait_log("waiting for a vhost-user frontend")
     eff, _, _ = _caps(d.pid)
     assert not eff & (1 << CAP_CHOWN) and eff & (1 << CAP_SYS_ADMIN)

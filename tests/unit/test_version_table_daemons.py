@@ -20,7 +20,7 @@ def pair(start_daemon, tmp_path, table_path):
     (shared / "f").write_bytes(b"hello")
     (shared / "f").chmod(0o644)  # whatever the umask (in-process tests set it to 0)
     (shared / "sub").mkdir()
-    args = (f"--version-table={table_path}", "--version-table-slots=4096")
+    args = (f"--version-table={table_path}", "--version-table-slots=4096", "--xattr")
     a = start_daemon(shared, extra_args=args).client()
     cb = start_daemon(shared, extra_args=args).client(init=False, shmem=True)
     VersionedClient.init(cb)

@@ -104,6 +104,9 @@ DIRECT_IO_ALLOW_MMAP = 1 << 36  # flags2 bit 4 (7.39): shared mmap of FOPEN_DIRE
 PYVFS_VERSION_TABLE = 1 << 63
 HAS_INODE_DAX = 1 << 33
 SECURITY_CTX = 1 << 32
+# 7.38: requests that create something may carry the caller's supplementary group that owns
+# the parent directory (an EXT_GROUPS extension), sent when that is not the caller's fsgid
+CREATE_SUPP_GROUP = 1 << 34
 
 # fuse_attr.flags
 ATTR_SUBMOUNT = 1 << 0
@@ -116,6 +119,8 @@ SETXATTR_ACL_KILL_SGID = 1 << 0
 EXT_HEADER = struct.Struct("<II")                # size (whole extension) type / nr_secctx
 SECCTX = struct.Struct("<II")                    # size (of the value) padding; name\0 value
 MAX_NR_SECCTX = 31
+EXT_GROUPS = 32                                  # fuse_supp_groups: nr_groups, then the gids
+SUPP_GROUPS = struct.Struct("<I")
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0

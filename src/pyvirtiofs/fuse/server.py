@@ -146,7 +146,7 @@ class FuseServer:
     # What we offer in INIT, ANDed with what the guest offers.
     BASE_FLAGS = (abi.ASYNC_READ | abi.PARALLEL_DIROPS | abi.BIG_WRITES | abi.AUTO_INVAL_DATA
                   | abi.ASYNC_DIO | abi.HAS_IOCTL_DIR | abi.ATOMIC_O_TRUNC | abi.MAX_PAGES
-                  | abi.INIT_EXT)
+                  | abi.INIT_EXT | abi.CREATE_SUPP_GROUP)
 
     def __init__(self, fs: FileSystem, dax: "_dax.DaxWindow | None" = None,
                  dax_policy: str = "always"):
@@ -214,7 +214,7 @@ class FuseServer:
         if ext_len:
             if ext_len > r.remaining:
                 return self._error(w, unique, errno.EINVAL, "extensions longer than the request")
-            r.remaining -= ext_len  # handlers see the arguments only; see _security_context
+            r.remaining -= ext_len  # handlers see the arguments only; see _extensions
         handler = self._handlers.get(opcode)
         if handler is None:
             return self._error(w, unique, errno.ENOSYS)
@@ -517,7 +517,7 @@ class FuseServer:
         name, target = _split_nul(r.read(r.remaining), 2)
         if not target:
             raise FsError(errno.ENOENT)
-        self._security_context(req, r)
+        self._extensions(req, r)
         return self._reply(w, self._entry(self.fs.symlink(req.nodeid, _check_name(name),
                                                            target, req.ctx)))
 
@@ -525,20 +525,23 @@ class FuseServer:
         mode, rdev, umask, _ = abi.MKNOD_IN.unpack(r.read(abi.MKNOD_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
-        self._security_context(req, r)
+        self._extensions(req, r)
         return self._reply(w, self._entry(self.fs.mknod(req.nodeid, name, mode, rdev, req.ctx)))
 
     def _op_mkdir(self, req, r, w):
         mode, umask = abi.MKDIR_IN.unpack(r.read(abi.MKDIR_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
-        self._security_context(req, r)
+        self._extensions(req, r)
         return self._reply(w, self._entry(self.fs.mkdir(req.nodeid, name, mode, req.ctx)))
 
-    def _security_context(self, req, r) -> None:
-        """FUSE_SECURITY_CTX: the context a new file must get comes as a request extension
-        after the arguments (the handler has read those): at most one is used."""
-        if not req.ext_len or not self.flags & abi.SECURITY_CTX:
+    def _extensions(self, req, r) -> None:
+        """The request extensions after a creating request's arguments (the handler has read
+        those): FUSE_SECURITY_CTX's context for the new file (at most one is used) and
+        FUSE_CREATE_SUPP_GROUP's supplementary groups, each only when negotiated."""
+        if self.flags & abi.CREATE_SUPP_GROUP:
+            req.ctx.supp_groups = ()  # the guest sends the group when the caller needs it
+        if not req.ext_len or not self.flags & (abi.SECURITY_CTX | abi.CREATE_SUPP_GROUP):
             return
         r.remaining = req.ext_len
         ext = r.read(req.ext_len)
@@ -547,16 +550,21 @@ class FuseServer:
             size, kind = abi.EXT_HEADER.unpack_from(ext, pos)
             if size < abi.EXT_HEADER.size or pos + size > len(ext):
                 raise ProtocolError("malformed request extension")
-            if kind <= abi.MAX_NR_SECCTX:
-                if kind:  # nr_secctx; 0 when no security module in the guest gave one
-                    body = ext[pos + abi.EXT_HEADER.size:pos + size]
+            body = ext[pos + abi.EXT_HEADER.size:pos + size]
+            pos += size
+            if kind <= abi.MAX_NR_SECCTX and self.flags & abi.SECURITY_CTX:
+                # nr_secctx; 0 when no security module in the guest gave one
+                if kind and req.ctx.secctx is None:
                     vlen, _ = abi.SECCTX.unpack_from(body) if len(body) >= 8 else (-1, 0)
                     end = body.find(b"\0", abi.SECCTX.size)
                     if vlen < 0 or end < 0 or end + 1 + vlen > len(body):
                         raise ProtocolError("malformed security context")
                     req.ctx.secctx = (body[abi.SECCTX.size:end], body[end + 1:end + 1 + vlen])
-                return
-            pos += size
+            elif kind == abi.EXT_GROUPS and self.flags & abi.CREATE_SUPP_GROUP:
+                (n,) = abi.SUPP_GROUPS.unpack_from(body) if len(body) >= 4 else (-1,)
+                if n < 0 or 4 + 4 * n > len(body) or n > 64:
+                    raise ProtocolError("malformed supplementary groups")
+                req.ctx.supp_groups = struct.unpack_from(f"<{n}I", body, 4)
 
     def _op_unlink(self, req, r, w):
         (name,) = self._names(r, 1)
@@ -598,13 +606,16 @@ class FuseServer:
         flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
         (name,) = self._names(r, 1)
         req.ctx.umask = umask
-        self._security_context(req, r)
+        self._extensions(req, r)
         entry, opened = self.fs.create(req.nodeid, name, mode, flags, req.ctx)
         return self._reply(w, self._entry(entry) + encode_open(opened))
 
     def _op_tmpfile(self, req, r, w):
         flags, mode, umask, _ = abi.CREATE_IN.unpack(r.read(abi.CREATE_IN.size))
-        req.ctx.umask = umask  # the name that follows is a placeholder ("/")
+        req.ctx.umask = umask
+        if req.ext_len and r.remaining:
+            r.read_views(r.remaining)  # skip (no copy) the placeholder name that follows
+        self._extensions(req, r)
         entry, opened = self.fs.tmpfile(req.nodeid, mode, flags, req.ctx)
         return self._reply(w, self._entry(entry) + encode_open(opened))
 

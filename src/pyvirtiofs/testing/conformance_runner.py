@@ -109,8 +109,9 @@ def default_daemon_argv(daemon: str, sock: str, shared: str, cache: str,
                         daemon_args: Sequence[str] = ()) -> list[str]:
     if daemon == "pyvirtiofsd":
         return [sys.executable, "-m", "pyvirtiofs", f"--socket-path={sock}",
-                f"--shared-dir={shared}", f"--cache={cache}", *daemon_args]
-    # The Rust reference: its options are spelled the same way.
+                f"--shared-dir={shared}", f"--cache={cache}", "--xattr", *daemon_args]
+    # The Rust reference: its options are spelled the same way (xattrs are off by default
+    # in both daemons; the cases use them).
     return [daemon, f"--socket-path={sock}", f"--shared-dir={shared}", f"--cache={cache}",
             "--sandbox", "none", "--xattr"]
 

@@ -1819,6 +1819,7 @@ FUSE_INIT_EXT = 1 << 30
 FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
 FUSE_CREATE_SUPP_GROUP = 1 << 34
+FUSE_EXT_GROUPS = 32  # request extension type: struct fuse_supp_groups
 FUSE_HAS_EXPIRE_ONLY = 1 << 35
 
 #: What a Linux 6.1.192 guest sends in FUSE_INIT (measured: flags 0x7bfffffb, flags2 0xb).
@@ -2138,6 +2139,9 @@ class FuseClient:
         self.max_read = 128 * 1024
         self.negotiated = 0
         self.send_secctx: bool | None = None   # None: when SECURITY_CTX was negotiated
+        # sent with creating requests once CREATE_SUPP_GROUP is negotiated, as Linux sends the
+        # parent directory's group when the caller is a member but it is not its fsgid
+        self.supp_groups: Sequence[int] = ()
 
     @classmethod
     def connect(cls, socket_path, *, init: bool = True, client_kwargs: dict | None = None,
@@ -2354,6 +2358,16 @@ class FuseClient:
 
     # -- extensions ------------------------------------------------------------------------
 
+    def _create_ext(self) -> bytes:
+        """The extensions Linux sends with CREATE, MKDIR, MKNOD and SYMLINK."""
+        ext = self._secctx_ext()
+        if self.supp_groups and self.negotiated & FUSE_CREATE_SUPP_GROUP:
+            body = struct.pack(f"<I{len(self.supp_groups)}I", len(self.supp_groups),
+                               *self.supp_groups)
+            body += bytes(-len(body) % 8)
+            ext += SECCTX_HEADER.pack(SECCTX_HEADER.size + len(body), FUSE_EXT_GROUPS) + body
+        return ext
+
     def _secctx_ext(self) -> bytes:
         send = self.send_secctx
         if send is None:
@@ -2457,18 +2471,18 @@ class FuseClient:
 
     def symlink(self, parent: int, name, target) -> EntryOut:
         args = [_name(name), _name(target)]
-        r = self.request(Op.SYMLINK, parent, args, [ENTRY_OUT_SIZE], ext=self._secctx_ext())
+        r = self.request(Op.SYMLINK, parent, args, [ENTRY_OUT_SIZE], ext=self._create_ext())
         return parse_entry(r.data)
 
     def mknod(self, parent: int, name, mode: int, rdev: int = 0, umask: int = 0) -> EntryOut:
         r = self.request(Op.MKNOD, parent, [MKNOD_IN.pack(mode, rdev, umask, 0), _name(name)],
-                         [ENTRY_OUT_SIZE], ext=self._secctx_ext())
+                         [ENTRY_OUT_SIZE], ext=self._create_ext())
         return parse_entry(r.data)
 
     def mkdir(self, parent: int, name, mode: int = 0o755, umask: int = 0) -> EntryOut:
         r = self.request(Op.MKDIR, parent, [MKDIR_IN.pack(mode | _stat.S_IFDIR, umask),
                                             _name(name)],
-                         [ENTRY_OUT_SIZE], ext=self._secctx_ext())
+                         [ENTRY_OUT_SIZE], ext=self._create_ext())
         return parse_entry(r.data)
 
     def unlink(self, parent: int, name) -> None:
@@ -2499,7 +2513,7 @@ class FuseClient:
         r = self.request(Op.CREATE, parent,
                          [CREATE_IN.pack(flags, mode | _stat.S_IFREG, umask, open_flags),
                           _name(name)],
-                         [ENTRY_OUT_SIZE, OPEN_OUT.size], ext=self._secctx_ext())
+                         [ENTRY_OUT_SIZE, OPEN_OUT.size], ext=self._create_ext())
         return parse_entry(r.data), OpenOut._make(OPEN_OUT.unpack_from(r.data, ENTRY_OUT_SIZE))
 
     def submit_read(self, nodeid: int, fh: int, offset: int, size: int, *,
