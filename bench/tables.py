@@ -33,8 +33,10 @@ README = REPO / "README.md"
 TABLES = ("daemon", "guest")
 SETTING_KEYS = ("sandbox", "seccomp", "cache", "thread_pool_size")
 LABEL = {"py": "pyvirtiofsd", "rust": "Rust virtiofsd", "c": "C virtiofsd (QEMU 7.2)"}
-# What each daemon does when an option is not given (pyvirtiofsd --help, virtiofsd --help of
-# the Rust 1.13.2 and QEMU 7.2 ones).  The C virtiofsd's seccomp filter cannot be turned off.
+# What each daemon did when an option was not given, for results files that recorded only
+# command lines (virtiofsd --help of the Rust 1.13.2 and QEMU 7.2 ones; pyvirtiofsd's defaults
+# when those files were written: its seccomp default became kill later, and every newer file
+# records its settings).  The C virtiofsd's seccomp filter cannot be turned off.
 DEFAULTS = {
     "py": {"sandbox": "namespace", "seccomp": "none", "cache": "auto", "thread_pool_size": 0},
     "rust": {"sandbox": "namespace", "seccomp": "kill", "cache": "auto", "thread_pool_size": 0},

@@ -15,7 +15,8 @@ KERNEL_VERSION = 7
 # DIRECT_IO_ALLOW_MMAP is --allow-mmap; HAS_RESEND needs a notification queue, which Linux's
 # virtio-fs driver never sets up; NO_EXPORT_SUPPORT would only take NFS export away from the
 # guest; ALLOW_IDMAP makes Linux send uid/gid -1 on non-creating requests and map creators'
-# ids through the guest's idmapped mounts, which --translate-uid/--uid-map do not expect.
+# ids through the guest's idmapped mounts, which --translate-uid/--uid-map do not expect
+# (virtiofsd 1.13 does offer it: idmapped mounts in the guest are not served here yet).
 KERNEL_MINOR_VERSION = 41
 MIN_MINOR_VERSION = 27     # oldest guest protocol we serve (as virtiofsd)
 ROOT_ID = 1

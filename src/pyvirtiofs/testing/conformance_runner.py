@@ -186,6 +186,21 @@ def markdown(reports: list[Report]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_START = "<!-- conformance table: written by conformance_runner --markdown -->"
+TABLE_END = "<!-- end of conformance table -->"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    """Put ``table`` into the document at ``path``: between its table markers when it has
+    them (the prose around the table is kept), else as the whole file."""
+    text = path.read_text() if path.exists() else ""
+    i, j = text.find(TABLE_START), text.find(TABLE_END)
+    if i < 0 or j < i:
+        path.write_text(table)
+        return
+    path.write_text(text[:i + len(TABLE_START)] + "\n" + table + text[j:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--daemon", action="append",
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
     md = markdown(reports)
     print(md)
     if a.markdown:
-        Path(a.markdown).write_text(md)
+        write_markdown(Path(a.markdown), md)
     if a.json:
         Path(a.json).write_text(json.dumps(
             [{"daemon": r.daemon, "cache": r.cache,
