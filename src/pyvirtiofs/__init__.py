@@ -7,6 +7,8 @@ then :func:`serve` it to a VM or :func:`mount` it on the host.  docs/api.md is t
 The daemon, pyvirtiofsd, is :mod:`pyvirtiofs.cli` serving :class:`PassthroughFs`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entry, FileSystem,
@@ -14,7 +16,9 @@ from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entr
 from .inodes import HandleTable, InodeTable
 from .pathfs import PathAdapter, PathFileSystem
 from .serving import Server, SocketInUse, listen, serve
-from .hostmount import Mount, mount
+
+if TYPE_CHECKING:
+    from .hostmount import Mount, mount
 
 __all__ = [
     "__version__",
@@ -28,3 +32,11 @@ __all__ = [
     # mounting on the host (/dev/fuse)
     "mount", "Mount",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Host mounting is imported when first used: the daemon never needs it.
+    if name in ("mount", "Mount"):
+        from . import hostmount
+        return getattr(hostmount, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

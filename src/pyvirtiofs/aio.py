@@ -13,13 +13,15 @@ whole before the reply is made.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .filesystem import FileSystem, copy_into
+
+if TYPE_CHECKING:  # asyncio costs ~10 MiB of RSS: imported only when a coroutine runs
+    import asyncio
 
 AIO_THREADS = 32
 
@@ -30,6 +32,7 @@ _loop_lock = threading.Lock()
 def loop() -> asyncio.AbstractEventLoop:
     """The library's event loop (running in its own daemon thread)."""
     global _loop
+    import asyncio
     with _loop_lock:
         if _loop is None:
             new = asyncio.new_event_loop()
@@ -40,6 +43,7 @@ def loop() -> asyncio.AbstractEventLoop:
 
 def run(awaitable: Any) -> Any:
     """Run a coroutine (or collect an async generator) on the library's loop; wait for it."""
+    import asyncio
     if inspect.isasyncgen(awaitable):
         awaitable = _collect(awaitable)
     return asyncio.run_coroutine_threadsafe(awaitable, loop()).result()

@@ -39,8 +39,6 @@ import struct
 import ctypes
 import threading
 
-from atomics import MemoryOrder
-from atomics._impl.patomic import Patomic  # the C operations table (atomics pinned in setup)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +64,13 @@ class VersionTableError(Exception):
 class _Atomic64:
     """Sequentially consistent load and compare-and-swap of aligned u64s at raw addresses,
     through the atomics package's C functions (the library is loaded here, before any
-    sandbox hides its file)."""
-    _SEQ_CST = MemoryOrder.SEQ_CST.value
+    sandbox hides its file).  Imported here, not at the top: atomics brings cffi and its C
+    parser (~6 MiB of RSS), which a daemon without --version-table does not need."""
 
     def __init__(self):
+        from atomics import MemoryOrder
+        from atomics._impl.patomic import Patomic  # the C operations table (atomics pinned)
+        self._SEQ_CST = MemoryOrder.SEQ_CST.value
         ops = Patomic.ops(8)
         self._load = ops.fp_load
         self._cas = ops.xchg_ops.fp_cmpxchg_strong
