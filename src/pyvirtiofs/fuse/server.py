@@ -1,6 +1,15 @@
 """The FUSE server: decodes a request from a descriptor chain, calls the file system, encodes
 the reply into the chain's writable buffers.
 
+Two paths serve a request.  The hot opcodes (GETATTR, LOOKUP, READ, WRITE, CREATE, OPEN,
+FLUSH, RELEASE, UNLINK, FORGET, and unknown opcodes), laid out as guests lay them out, are
+served by one ``_fast_*`` method each: fixed-size arguments unpacked with a precompiled struct,
+the reply packed straight into the guest's buffer, no per-request objects but the
+:class:`Context` the file system is given.  Everything else -- other opcodes, other buffer
+layouts, anything malformed -- goes through the generic path (the chain's cursor, one ``_op_*``
+method per opcode), which checks everything; a fast method hands a request it does not expect
+over to it before doing anything.
+
 The guest is the remote peer.  Whatever it sends, :meth:`FuseServer.serve_request` returns normally:
 malformed requests get an errno reply (EINVAL, ENOSYS, ...), file system errors get theirs,
 and a bug of ours gets EIO plus a logged traceback, never a dead worker thread.
@@ -127,17 +136,69 @@ def encode_attr_out(attr, timeout: float, attr_flags: int = 0) -> bytes:
     return _ATTR_OUT.pack(s, ns, 0, *_attr_fields(attr, attr_flags))
 
 
+def _open_flags(o: OpenResult) -> int:
+    return ((abi.FOPEN_DIRECT_IO if o.direct_io else 0) | (abi.FOPEN_KEEP_CACHE if o.keep_cache else 0)
+            | (abi.FOPEN_CACHE_DIR if o.cache_dir else 0))
+
+
 def encode_open(o: OpenResult) -> bytes:
-    flags = ((abi.FOPEN_DIRECT_IO if o.direct_io else 0) | (abi.FOPEN_KEEP_CACHE if o.keep_cache else 0)
-             | (abi.FOPEN_CACHE_DIR if o.cache_dir else 0))
-    return abi.OPEN_OUT.pack(o.fh, flags, 0)
+    return abi.OPEN_OUT.pack(o.fh, _open_flags(o), 0)
+
+
+def pack_entry(buf, offset: int, e: Entry, attr_flags: int = 0) -> None:
+    """fuse_entry_out for ``e`` packed into buf at offset (no bytes object in between)."""
+    es, ens = _timeout(e.entry_timeout)
+    as_, ans = _timeout(e.attr_timeout)
+    _ENTRY_OUT.pack_into(buf, offset, e.inode, e.generation, es, as_, ens, ans,
+                         *_attr_fields(e.attr, attr_flags
+                                       | (abi.ATTR_SUBMOUNT if e.submount else 0)))
+
+
+def _reply_space(writable: list, need: int):
+    """Where a reply body of ``need`` bytes goes in the layouts guests use: right after the
+    16-byte header in the first writable buffer, or at the start of the second when the
+    first holds just the header.  (None, 0) for any other layout (the generic path's)."""
+    w0 = writable[0]
+    if len(w0) >= 16 + need:
+        return w0, 16
+    if len(w0) == 16 and len(writable) > 1 and len(writable[1]) >= need:
+        return writable[1], 0
+    return None, 0
+
+
+def _fast_name(args, offset: int, n: int) -> bytes | None:
+    """The NUL-terminated name that fills args[offset:offset+n], when it is a valid one
+    (anything else -- no NUL, empty, '/', too long -- is left to the generic path's errors)."""
+    if n > MAX_NAME + 1:
+        return None
+    raw = bytes(args[offset:offset + n])
+    end = raw.find(b"\0")
+    if end <= 0 or end > 255:
+        return None
+    name = raw[:end]
+    if b"/" in name:
+        return None
+    return name
 
 
 _EMPTY_ENTRY_HEAD = bytes(abi.ENTRY_OUT_SIZE)
 _IN_UNPACK = abi.IN_HEADER.unpack
+_IN_UNPACK_FROM = abi.IN_HEADER.unpack_from
 _OUT_PACK_INTO = abi.OUT_HEADER.pack_into
 _INIT = int(Opcode.INIT)
+_FORGET = int(Opcode.FORGET)
 _GETATTR_IN_UNPACK = abi.GETATTR_IN.unpack
+_GETATTR_IN_UNPACK_FROM = abi.GETATTR_IN.unpack_from
+_READ_IN_UNPACK_FROM = abi.READ_IN.unpack_from
+_RELEASE_IN_UNPACK_FROM = abi.RELEASE_IN.unpack_from
+_CREATE_IN_UNPACK_FROM = abi.CREATE_IN.unpack_from
+_OPEN_IN_UNPACK_FROM = abi.OPEN_IN.unpack_from
+_FORGET_IN_UNPACK_FROM = abi.FORGET_IN.unpack_from
+_ATTR_OUT_PACK_INTO = _ATTR_OUT.pack_into
+_OPEN_OUT_PACK_INTO = abi.OPEN_OUT.pack_into
+_WRITE_OUT_PACK_INTO = abi.WRITE_OUT.pack_into
+_OFFSET_MAX = 1 << 63
+_SLOW = object()  # a fast handler's answer: "not this layout; serve it the generic way"
 
 
 class FuseServer:
@@ -171,6 +232,7 @@ class FuseServer:
         self._all_counts: list[collections.Counter] = []
         self._lock_waits = LockWaits()
         self._trace = log.isEnabledFor(TRACE)  # decided once: the check costs per request
+        self._fast: dict[int, Callable] = {}  # opcode -> fast handler, chosen at INIT
         self._handlers = {}
         for op in Opcode:
             h = getattr(self, "_op_" + op.name.lower(), None)
@@ -190,6 +252,219 @@ class FuseServer:
             self._end_request()
 
     def _dispatch(self, chain, complete):
+        """The fast path: a well-formed request of a hot opcode, laid out as guests lay them
+        out (header, then the arguments in one buffer; the reply header, then the reply in
+        one buffer), is served by its opcode's ``_fast_*`` method, which parses with one
+        precompiled struct and packs the reply straight into guest memory.  Anything else --
+        another opcode, another layout, a malformed request -- goes to
+        :meth:`_dispatch_generic`, which reads it through the chain's cursor and checks
+        everything."""
+        readable = chain.readable
+        if not readable:
+            return self._dispatch_generic(chain, complete)
+        first = readable[0]
+        if len(first) < 40:
+            return self._dispatch_generic(chain, complete)
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _IN_UNPACK_FROM(first)
+        writable = chain.writable
+        if (extlen or length < 40 or length > chain.remaining
+                or (len(writable[0]) < 16 if writable else opcode != _FORGET)):
+            return self._dispatch_generic(chain, complete)
+        fast = self._fast.get(opcode)
+        if fast is None:
+            if opcode in self._handlers:
+                return self._dispatch_generic(chain, complete)
+            fast = self._fast_unknown
+        # Where the arguments are (contiguous from ``args[aoff]``, ``avail`` bytes of them).
+        if len(first) > 40:
+            args, aoff, avail = first, 40, len(first) - 40
+        elif len(readable) > 1:
+            args, aoff = readable[1], 0
+            avail = len(args)
+        else:
+            args, aoff, avail = first, 40, 0
+        if avail > length - 40:
+            avail = length - 40  # bytes past the header's length are not the request's
+        try:
+            n = fast(chain, args, aoff, avail, length - 40, unique, nodeid, uid, gid, pid)
+        except (FsError, OSError) as e:  # the usual failure: straight into the reply header
+            if e.errno:
+                _OUT_PACK_INTO(writable[0], 0, 16, -e.errno, unique)
+                n = 16
+            else:
+                n = self._failed(chain, unique, opcode, e)
+        except Exception as e:
+            n = self._failed(chain, unique, opcode, e)
+        if n is _SLOW:
+            return self._dispatch_generic(chain, complete)
+        try:
+            self._counts_local.counts[opcode] += 1
+        except AttributeError:
+            self._count(opcode)
+        return n
+
+    def _count(self, opcode: int) -> None:
+        try:
+            self._counts_local.counts[opcode] += 1
+        except AttributeError:
+            self._counts_local.counts = c = collections.Counter({opcode: 1})
+            self._all_counts.append(c)
+
+    # -- fast handlers: (chain, args, offset of the arguments in args, bytes of them there,
+    # bytes of them in all, unique, nodeid, uid, gid, pid) -> reply length, or _SLOW before
+    # doing anything when the request is not laid out as they expect.
+    def _install_fast_paths(self) -> None:
+        """Choose the fast handlers for the session just negotiated: the replies that carry
+        a version (version table) or DAX flags are built the generic way."""
+        fast = {}
+        if not self._trace:  # tracing logs every request: the generic path does
+            fast = {int(Opcode.READ): self._fast_read, int(Opcode.WRITE): self._fast_write,
+                    int(Opcode.RELEASE): self._fast_release, int(Opcode.FLUSH): self._fast_flush,
+                    _FORGET: self._fast_forget, int(Opcode.UNLINK): self._fast_unlink,
+                    int(Opcode.OPEN): self._fast_open}
+            if not self.flags & abi.PYVFS_VERSION_TABLE and not self._inode_dax:
+                fast[int(Opcode.GETATTR)] = self._fast_getattr
+                fast[int(Opcode.LOOKUP)] = self._fast_lookup
+                fast[int(Opcode.CREATE)] = self._fast_create
+        self._fast = fast
+
+    def _fast_unknown(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        _OUT_PACK_INTO(chain.writable[0], 0, 16, -errno.ENOSYS, unique)
+        return 16
+
+    def _fast_getattr(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        writable = chain.writable
+        out, ooff = _reply_space(writable, 104)
+        if avail < 16 or out is None:
+            return _SLOW
+        flags, _, fh = _GETATTR_IN_UNPACK_FROM(args, aoff)
+        res = self.fs.getattr(nodeid, fh if flags & abi.GETATTR_FH else None,
+                              Context(uid, gid, pid))
+        s, ns = _timeout(res.attr_timeout)
+        _ATTR_OUT_PACK_INTO(out, ooff, s, ns, 0, *_attr_fields(res.attr))
+        _OUT_PACK_INTO(writable[0], 0, 120, 0, unique)
+        return 120
+
+    def _fast_lookup(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        writable = chain.writable
+        out, ooff = _reply_space(writable, 128)
+        name = _fast_name(args, aoff, avail) if avail == alen else None
+        if name is None or out is None:
+            return _SLOW
+        pack_entry(out, ooff, self.fs.lookup(nodeid, name, Context(uid, gid, pid)))
+        _OUT_PACK_INTO(writable[0], 0, 144, 0, unique)
+        return 144
+
+    def _fast_create(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        writable = chain.writable
+        out, ooff = _reply_space(writable, 144)
+        name = _fast_name(args, aoff + 16, avail - 16) if avail == alen and avail > 16 else None
+        if name is None or out is None:
+            return _SLOW
+        flags, mode, umask, _ = _CREATE_IN_UNPACK_FROM(args, aoff)
+        ctx = Context(uid, gid, pid, umask)
+        if self.flags & abi.CREATE_SUPP_GROUP:
+            ctx.supp_groups = ()  # negotiated, and the guest sent none (see _extensions)
+        entry, opened = self.fs.create(nodeid, name, mode, flags, ctx)
+        pack_entry(out, ooff, entry)
+        _OPEN_OUT_PACK_INTO(out, ooff + 128, opened.fh, _open_flags(opened), 0)
+        _OUT_PACK_INTO(writable[0], 0, 160, 0, unique)
+        return 160
+
+    def _fast_open(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        writable = chain.writable
+        out, ooff = _reply_space(writable, 16)
+        if avail < 8 or out is None:
+            return _SLOW
+        flags, open_flags = _OPEN_IN_UNPACK_FROM(args, aoff)
+        if open_flags & abi.OPEN_KILL_SUIDGID:
+            return _SLOW
+        opened = self.fs.open(nodeid, flags, Context(uid, gid, pid))
+        _OPEN_OUT_PACK_INTO(out, ooff, opened.fh, _open_flags(opened), 0)
+        _OUT_PACK_INTO(writable[0], 0, 32, 0, unique)
+        return 32
+
+    def _fast_read(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        if avail < 40:
+            return _SLOW
+        fh, offset, size, _, _, _, _ = _READ_IN_UNPACK_FROM(args, aoff)
+        room = chain.capacity - 16
+        if size > room:
+            size = room
+        if size > MAX_WRITE:
+            size = MAX_WRITE
+        if offset >= _OFFSET_MAX or size <= 0:
+            return _SLOW
+        writable = chain.writable
+        w0 = writable[0]
+        if size != room:  # a larger buffer than asked for: clip it
+            buffers = chain.views_at(16, size)
+        elif len(w0) == 16:
+            buffers = writable[1:]
+        elif len(writable) == 1:
+            buffers = [w0[16:]]
+        else:
+            buffers = [w0[16:]]
+            buffers += writable[1:]
+        n = self.fs.read_into(nodeid, fh, offset, buffers)
+        _OUT_PACK_INTO(w0, 0, 16 + n, 0, unique)
+        return 16 + n
+
+    def _fast_write(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        writable = chain.writable
+        out, ooff = _reply_space(writable, 8)
+        if avail < 40 or out is None:
+            return _SLOW
+        fh, offset, size, wflags, _, _, _ = _READ_IN_UNPACK_FROM(args, aoff)
+        if size > alen - 40 or offset >= _OFFSET_MAX:
+            return _SLOW
+        # The data follows write_in: in the same buffer, or in the buffers after it.
+        if avail >= 40 + size:
+            buffers = [args[aoff + 40:aoff + 40 + size]] if size else []
+        elif avail == 40 and args is not chain.readable[0] and chain.remaining - 80 == size:
+            buffers = chain.readable[2:]
+        else:
+            return _SLOW
+        n = self.fs.write_from(nodeid, fh, offset, buffers, bool(wflags & abi.WRITE_KILL_SUIDGID),
+                               Context(uid, gid, pid))
+        _WRITE_OUT_PACK_INTO(out, ooff, n, 0)
+        _OUT_PACK_INTO(writable[0], 0, 24, 0, unique)
+        return 24
+
+    def _fast_release(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        if avail < 24:
+            return _SLOW
+        fh, _, rflags, _ = _RELEASE_IN_UNPACK_FROM(args, aoff)
+        if rflags & abi.RELEASE_FLOCK_UNLOCK and self.flags & abi.FLOCK_LOCKS:
+            return _SLOW
+        self.fs.release(nodeid, fh)
+        _OUT_PACK_INTO(chain.writable[0], 0, 16, 0, unique)
+        return 16
+
+    def _fast_flush(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        if avail < 24:
+            return _SLOW
+        fh, _, _, owner = _RELEASE_IN_UNPACK_FROM(args, aoff)
+        self.cancel_pending(owner=(nodeid, owner))
+        self.fs.flush(nodeid, fh, owner)
+        _OUT_PACK_INTO(chain.writable[0], 0, 16, 0, unique)
+        return 16
+
+    def _fast_unlink(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        name = _fast_name(args, aoff, avail) if avail == alen else None
+        if name is None:
+            return _SLOW
+        self.fs.unlink(nodeid, name, Context(uid, gid, pid))
+        _OUT_PACK_INTO(chain.writable[0], 0, 16, 0, unique)
+        return 16
+
+    def _fast_forget(self, chain, args, aoff, avail, alen, unique, nodeid, uid, gid, pid):
+        if avail < 8:
+            return _SLOW
+        self.fs.forget(nodeid, _FORGET_IN_UNPACK_FROM(args, aoff)[0])
+        return 0
+
+    def _dispatch_generic(self, chain, complete):
         """Check the header and call the opcode's handler (an ``_op_*`` method)."""
         r = chain.reader()
         w = chain.writer()
@@ -202,11 +477,7 @@ class FuseServer:
         if length < 40 or length - 40 > r.remaining:
             return self._error(w, unique, errno.EINVAL, "header len %d disagrees with chain" % length)
         r.remaining = length - 40  # ignore trailing bytes past len
-        try:
-            self._counts_local.counts[opcode] += 1
-        except AttributeError:
-            self._counts_local.counts = c = collections.Counter({opcode: 1})
-            self._all_counts.append(c)
+        self._count(opcode)
         if self._trace:
             log.log(TRACE, "request %s unique=%d nodeid=%d uid=%d gid=%d pid=%d len=%d",
                     _opname(opcode), unique, nodeid, uid, gid, pid, length)
@@ -224,26 +495,30 @@ class FuseServer:
                           ext_len)
         try:
             n = handler(req, r, w)
-        except FsError as e:
-            return self._error(w, unique, e.errno)
-        except OSError as e:
-            if e.errno is None:  # not a failed system call (e.g. a library that failed to load)
-                log.exception("internal error serving %s", _opname(opcode))
-            return self._error(w, unique, e.errno or errno.EIO)
-        except (ProtocolError, EOFError) as e:
-            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
-        except OverflowError as e:
-            # A number from the guest (offset, size, mode, flags...) beyond what the host
-            # call takes, e.g. lseek(2) to 2^64-1: the guest's mistake, not a bug of ours.
-            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
-        except Exception:
-            log.exception("internal error serving %s", _opname(opcode))
-            return self._error(w, unique, errno.EIO)
+        except Exception as e:
+            return self._failed(w, unique, opcode, e)
         if n == _NO_REPLY:
             return 0
         if n == DEFERRED:
             return DEFERRED
         return self._finish(w, unique, n)
+
+    def _failed(self, w: Writer, unique: int, opcode: int, e: Exception) -> int:
+        """The errno reply for what a handler raised."""
+        if isinstance(e, FsError):
+            return self._error(w, unique, e.errno)
+        if isinstance(e, OSError):
+            if e.errno is None:  # not a failed system call (e.g. a library that failed to load)
+                log.error("internal error serving %s", _opname(opcode), exc_info=e)
+            return self._error(w, unique, e.errno or errno.EIO)
+        if isinstance(e, (ProtocolError, EOFError)):
+            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
+        if isinstance(e, OverflowError):
+            # A number from the guest (offset, size, mode, flags...) beyond what the host
+            # call takes, e.g. lseek(2) to 2^64-1: the guest's mistake, not a bug of ours.
+            return self._error(w, unique, errno.EINVAL, "%s: %s" % (_opname(opcode), e))
+        log.error("internal error serving %s", _opname(opcode), exc_info=e)
+        return self._error(w, unique, errno.EIO)
 
     @staticmethod
     def _finish(w: Writer, unique: int, n: int) -> int:
@@ -334,6 +609,7 @@ class FuseServer:
             self.proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
             self.fs.init()
             self.initialized = True
+            self._install_fast_paths()
         log.info("FUSE session: guest %d.%d offers flags %#x, negotiated %#x",
                  major, minor, guest, self.flags)
         map_alignment = _dax.MAP_ALIGNMENT_SHIFT if self.flags & abi.MAP_ALIGNMENT else 0
@@ -363,6 +639,7 @@ class FuseServer:
                     self.dax.remove_all()
                 self.fs.destroy()
             self.initialized = False
+            self._fast = {}
         return 0
 
     # -- DAX window ---------------------------------------------------------------------------
