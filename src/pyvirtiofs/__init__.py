@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entry, FileSystem,
                          FileType, FsError, OpenResult, SetattrRequest, StatFs, StatResult)
 from .inodes import HandleTable, InodeTable
-from .pathfs import PathAdapter, PathFileSystem
+from .pathfs import PathAdapter, PathFileSystem, PathView
 from .serving import Server, SocketInUse, listen, serve
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ __all__ = [
     "FileSystem", "FsError", "Context", "Entry", "Attr", "StatResult", "DirEntry", "FileType",
     "StatFs", "OpenResult", "SetattrRequest", "Capabilities", "ROOT_INODE",
     # help with node ids, lookup counts and handles; the path level
-    "InodeTable", "HandleTable", "PathFileSystem", "PathAdapter",
+    "InodeTable", "HandleTable", "PathFileSystem", "PathAdapter", "PathView",
     # serving to a VM
     "serve", "Server", "listen", "SocketInUse",
     # mounting on the host (/dev/fuse)

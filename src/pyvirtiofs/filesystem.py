@@ -41,6 +41,7 @@ import enum
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -211,6 +212,30 @@ class SetattrRequest:
     mtime_now: bool = False
     kill_suidgid: bool = False
 
+    def apply(self, attr: Any, now: int | None = None) -> None:
+        """Make these changes to ``attr`` in place: any object with :class:`Attr`'s field
+        names (an ``Attr``, a node of yours).  It gets the permission bits of ``mode`` (its
+        file type stays), ``uid``, ``gid``, the times (``atime_now``/``mtime_now``: ``now``,
+        by default the clock) and ``st_ctime_ns`` = now; ``st_mtime_ns`` = now too when
+        ``size`` is set, as truncate(2) does; ``kill_suidgid`` drops suid, and sgid where
+        group execution is on.  The size itself is yours to apply to your data."""
+        now = time.time_ns() if now is None else now
+        if self.mode is not None:
+            attr.st_mode = stat.S_IFMT(attr.st_mode) | stat.S_IMODE(self.mode)
+        if self.uid is not None:
+            attr.st_uid = self.uid
+        if self.gid is not None:
+            attr.st_gid = self.gid
+        if self.kill_suidgid:
+            attr.st_mode &= ~(stat.S_ISUID | (stat.S_ISGID if attr.st_mode & stat.S_IXGRP else 0))
+        if self.size is not None:
+            attr.st_mtime_ns = now
+        if self.atime_now or self.atime_ns is not None:
+            attr.st_atime_ns = now if self.atime_now else self.atime_ns
+        if self.mtime_now or self.mtime_ns is not None:
+            attr.st_mtime_ns = now if self.mtime_now else self.mtime_ns
+        attr.st_ctime_ns = now
+
 
 @dataclass
 class OpenResult:
@@ -232,7 +257,9 @@ class Capabilities:
     security_label: bool = False       # FUSE_SECURITY_CTX: new files come with a context
     submounts: bool = False            # FUSE_SUBMOUNTS: Entry.submount is honoured
     readdirplus: bool = True           # READDIRPLUS answered (DO_READDIRPLUS, READDIRPLUS_AUTO)
-    handle_killpriv_v2: bool = True    # the fs clears suid/sgid when the guest asks
+    # True: the fs clears suid/sgid itself when the guest asks (write_from's ``kill_priv``,
+    # SetattrRequest.kill_suidgid, O_TRUNC opens); False: the guest sends a chmod instead.
+    handle_killpriv_v2: bool = False
     direct_io_allow_mmap: bool = False  # guests may mmap FOPEN_DIRECT_IO files shared
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -383,8 +410,9 @@ class FileSystem:
 
     def write_from(self, inode: int, fh: int, offset: int, buffers: list[memoryview],
                    kill_priv: bool, ctx: Context) -> int:
-        """Write straight from guest memory; ``kill_priv``: drop suid/sgid as a write by an
-        unprivileged process would.  The default joins the buffers for :meth:`write`."""
+        """Write straight from guest memory; ``kill_priv`` (only with
+        ``capabilities.handle_killpriv_v2``): drop suid/sgid as a write by an unprivileged
+        process would.  The default joins the buffers for :meth:`write`."""
         return self.write(inode, fh, offset, b"".join(buffers), ctx)
 
     def flush(self, inode: int, fh: int, lock_owner: int) -> None:

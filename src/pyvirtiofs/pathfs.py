@@ -2,6 +2,8 @@
 :class:`PathFileSystem` and implement methods that take paths (``str``, absolute, ``"/"`` is the
 root); node ids, lookup counts and handles are kept for you by :class:`PathAdapter`, an
 inode-level :class:`FileSystem` built on :class:`InodeTable` and :class:`HandleTable`.
+:class:`PathView` goes the other way: an inode-level file system (``PassthroughFs``, yours)
+used through paths, to build one file system on others (examples/overlay_fs.py).
 
 :func:`pyvirtiofs.serve` and :func:`pyvirtiofs.mount` take either level.
 
@@ -18,12 +20,13 @@ import os
 import posixpath
 import stat
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from . import aio
 from .cache import CachePolicy
-from .filesystem import (Context, DirEntry, Entry, FileSystem, FileType, FsError, OpenResult,
-                         SetattrRequest, StatFs, StatResult)
+from .filesystem import (ROOT_INODE, Context, DirEntry, Entry, FileSystem, FileType, FsError,
+                         OpenResult, SetattrRequest, StatFs, StatResult)
 from .inodes import HandleTable, InodeTable
 
 _GONE = "//gone"  # the key of a node whose name was removed: matches no real path
@@ -304,6 +307,175 @@ class PathAdapter(FileSystem):
 
     def statfs(self, inode: int) -> StatFs:
         return self.fs.statfs("/")
+
+
+class PathView(PathFileSystem):
+    """An inode-level :class:`FileSystem` used through paths, as a :class:`PathFileSystem`:
+    each call walks its path one name at a time with ``lookup`` and gives the references back
+    when done; an open file keeps one reference until :meth:`release`.  Requests are made as
+    ``ctx`` (default: root, umask 0), so modes are applied as given.
+
+    ``PathView(PassthroughFs("/srv/lower"))`` is a host directory, confined to it, by path:
+    the layers of examples/overlay_fs.py.  Errors are the file system's (``FsError`` or
+    ``OSError``).  Thread-safe as the file system is."""
+
+    def __init__(self, fs: FileSystem, ctx: Context | None = None):
+        names = aio.async_methods(fs)
+        self.fs: FileSystem = aio.Blocking(fs, names) if names else fs  # type: ignore
+        self.ctx = ctx if ctx is not None else Context(0, 0, 0)
+
+    def _walk(self, path: str) -> list[int]:
+        """The node ids from the root's child down to ``path``, one reference held on each."""
+        held: list[int] = []
+        try:
+            for name in filter(None, path.split("/")):
+                parent = held[-1] if held else ROOT_INODE
+                held.append(self.fs.lookup(parent, os.fsencode(name), self.ctx).inode)
+        except BaseException:
+            self._forget(held)
+            raise
+        return held
+
+    def _forget(self, held: list[int]) -> None:
+        for inode in held:
+            self.fs.forget(inode, 1)
+
+    @contextmanager
+    def node(self, path: str) -> Iterator[int]:
+        """The node id of ``path``, with a reference held until the block ends."""
+        held = self._walk(path)
+        try:
+            yield held[-1] if held else ROOT_INODE
+        finally:
+            self._forget(held)
+
+    @contextmanager
+    def _parent(self, path: str) -> Iterator[tuple[int, bytes]]:
+        parent, name = posixpath.split(path)
+        with self.node(parent) as inode:
+            yield inode, os.fsencode(name)
+
+    def _made(self, entry: Entry) -> None:
+        self.fs.forget(entry.inode, 1)  # creating handed out a reference we do not keep
+
+    def getattr(self, path: str) -> StatResult:
+        with self.node(path) as inode:
+            return self.fs.getattr(inode, None, self.ctx).attr
+
+    def stat(self, path: str) -> StatResult | None:
+        """:meth:`getattr`, or None where there is nothing at ``path`` (ENOENT, ENOTDIR)."""
+        try:
+            return self.getattr(path)
+        except (FsError, OSError) as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    def readdir(self, path: str) -> list[str]:
+        with self.node(path) as inode:
+            fh = self.fs.opendir(inode, self.ctx).fh
+            try:
+                return [os.fsdecode(e.name) for e in self.fs.readdir(inode, fh, 0)
+                        if e.name not in (b".", b"..")]
+            finally:
+                self.fs.releasedir(inode, fh)
+
+    def readlink(self, path: str) -> str:
+        with self.node(path) as inode:
+            return os.fsdecode(self.fs.readlink(inode, self.ctx))
+
+    def open(self, path: str, flags: int) -> "_Opened":
+        held = self._walk(path)  # the file's own reference is kept until release
+        inode = held[-1] if held else ROOT_INODE
+        try:
+            opened = _Opened(inode, self.fs.open(inode, flags, self.ctx).fh, bool(held))
+        except BaseException:
+            self._forget(held)
+            raise
+        self._forget(held[:-1])
+        return opened
+
+    def create(self, path: str, mode: int, flags: int) -> "_Opened":
+        with self._parent(path) as (parent, name):
+            entry, opened = self.fs.create(parent, name, mode, flags, self.ctx)
+        return _Opened(entry.inode, opened.fh, True)  # keeps create's reference
+
+    def read(self, path: str, fh: "_Opened", offset: int, size: int) -> bytes:
+        return self.fs.read(fh.inode, fh.fh, offset, size)
+
+    def write(self, path: str, fh: "_Opened", offset: int, data: bytes) -> int:
+        return self.fs.write(fh.inode, fh.fh, offset, data, self.ctx)
+
+    def flush(self, path: str, fh: "_Opened") -> None:
+        self.fs.flush(fh.inode, fh.fh, 0)
+
+    def fsync(self, path: str, fh: "_Opened", datasync: bool) -> None:
+        self.fs.fsync(fh.inode, fh.fh, datasync)
+
+    def release(self, path: str | None, fh: "_Opened") -> None:
+        try:
+            self.fs.release(fh.inode, fh.fh)
+        finally:
+            if fh.referenced:
+                self.fs.forget(fh.inode, 1)
+
+    def _setattr(self, path: str, fh: "_Opened | None" = None, **changes: Any) -> None:
+        with self.node(path) as inode:
+            self.fs.setattr(inode, fh.fh if fh is not None else None,
+                            SetattrRequest(**changes), self.ctx)
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> None:
+        self._setattr(path, fh, size=length)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._setattr(path, mode=mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._setattr(path, uid=None if uid == -1 else uid, gid=None if gid == -1 else gid)
+
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        self._setattr(path, atime_ns=atime_ns, mtime_ns=mtime_ns)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        with self._parent(path) as (parent, name):
+            self._made(self.fs.mkdir(parent, name, mode, self.ctx))
+
+    def mknod(self, path: str, mode: int, rdev: int) -> None:
+        with self._parent(path) as (parent, name):
+            self._made(self.fs.mknod(parent, name, mode, rdev, self.ctx))
+
+    def symlink(self, path: str, target: str) -> None:
+        with self._parent(path) as (parent, name):
+            self._made(self.fs.symlink(parent, name, os.fsencode(target), self.ctx))
+
+    def link(self, path: str, new_path: str) -> None:
+        with self.node(path) as inode, self._parent(new_path) as (parent, name):
+            self._made(self.fs.link(inode, parent, name, self.ctx))
+
+    def unlink(self, path: str) -> None:
+        with self._parent(path) as (parent, name):
+            self.fs.unlink(parent, name, self.ctx)
+
+    def rmdir(self, path: str) -> None:
+        with self._parent(path) as (parent, name):
+            self.fs.rmdir(parent, name, self.ctx)
+
+    def rename(self, old: str, new: str, flags: int) -> None:
+        with self._parent(old) as (parent, name), self._parent(new) as (new_parent, new_name):
+            self.fs.rename(parent, name, new_parent, new_name, flags, self.ctx)
+
+    def statfs(self, path: str) -> StatFs:
+        with self.node(path) as inode:
+            return self.fs.statfs(inode)
+
+
+class _Opened:
+    """A file :class:`PathView` opened: its node id (with one reference held, unless it is
+    the root) and the file system's handle."""
+    __slots__ = ("inode", "fh", "referenced")
+
+    def __init__(self, inode: int, fh: int, referenced: bool):
+        self.inode, self.fh, self.referenced = inode, fh, referenced
 
 
 class _AttrView:

@@ -213,6 +213,24 @@ def test_path_example_through_the_frontend(sock):
         assert "/e/x" in fs.files
 
 
+def test_setattr_request_applies_to_attributes():
+    a = Attr(st_mode=stat.S_IFREG | 0o6755, st_uid=1, st_gid=2, st_atime_ns=10, st_mtime_ns=20,
+             st_ctime_ns=30)
+    pyvirtiofs.SetattrRequest().apply(a, now=99)  # nothing asked: only the change time moves
+    assert (a.st_mode, a.st_uid, a.st_gid, a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) == \
+        (stat.S_IFREG | 0o6755, 1, 2, 10, 20, 99)
+    pyvirtiofs.SetattrRequest(mode=stat.S_IFDIR | 0o640, uid=7, atime_ns=0, mtime_now=True
+                              ).apply(a, now=100)
+    assert (a.st_mode, a.st_uid, a.st_gid) == (stat.S_IFREG | 0o640, 7, 2)  # the type stays
+    assert (a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) == (0, 100, 100)  # 0 is the epoch
+    pyvirtiofs.SetattrRequest(size=0).apply(a, now=101)  # truncate: a new modification time
+    assert (a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns) == (0, 101, 101)
+    for mode, left in ((0o6755, 0o755), (0o6745, 0o2745)):  # sgid without group x: a lock mark
+        a.st_mode = stat.S_IFREG | mode
+        pyvirtiofs.SetattrRequest(kill_suidgid=True).apply(a)
+        assert a.st_mode == stat.S_IFREG | left
+
+
 def test_inode_table_counts_references():
     t = pyvirtiofs.InodeTable("root")
     a = t.lookup("a")
