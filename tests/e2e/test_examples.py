@@ -72,6 +72,29 @@ def test_path_example(guest_ready, short_tmp):
                            "one", "two", "a", "one", "two", "3", "1", "README"], out
 
 
+def test_path_example_served_from_an_installed_wheel(guest_ready, short_tmp, tmp_path):
+    """The issue's "done when": pip install the package, write a path-based file system in
+    under 50 lines, serve it with one call, boot a guest that uses it.  The example runs on
+    the wheel alone: no site-packages, not this checkout (python -I -S)."""
+    from tests.unit.test_packaging import install_wheel
+    site = install_wheel(tmp_path)
+    example = EXAMPLES / "path_fs.py"
+    assert len(example.read_text().splitlines()) < 50
+    sock = str(short_tmp / "wheel.sock")
+    run = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import pyvirtiofs; "
+           "assert pyvirtiofs.__file__.startswith(sys.argv[1]), pyvirtiofs.__file__; "
+           "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    d = guestvm.DaemonProcess([sys.executable, "-I", "-S", "-c", run, str(site), str(example),
+                               sock], sock, env=daemon_env(), cwd=str(tmp_path))
+    with d:
+        res = guestvm.run_guest("cat README; echo hi > new; cat new; ls",
+                                [guestvm.Share("ex", socket=sock)], daemons=[d], timeout=300)
+        assert d.wait(20) == 0, d.log
+    assert res.status == 0, res.output
+    assert res.output.split() == ["files", "live", "in", "a", "Python", "dict", "hi",
+                                  "README", "new"], res.output
+
+
 # The conformance cases (src/pyvirtiofs/testing/conformance.py) within the memory file
 # system's scope; the others need what it leaves out, on purpose, to stay short.
 MEMORY_FS_OUT_OF_SCOPE = {

@@ -9,7 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_wheel_installs_the_typed_public_api(tmp_path):
+def install_wheel(tmp_path: Path) -> Path:
+    """Build a wheel of this checkout and pip-install it into a directory of its own (returned),
+    as ``pip install`` would into site-packages."""
     tree = tmp_path / "tree"  # a copy: building writes build/ and egg-info beside the sources
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns(
         "__pycache__", "*.egg-info"))
@@ -23,6 +25,11 @@ def test_wheel_installs_the_typed_public_api(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
                     "--disable-pip-version-check", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
+    return site
+
+
+def test_wheel_installs_the_typed_public_api(tmp_path):
+    site = install_wheel(tmp_path)
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import pathlib, pyvirtiofs; "
              "p = pathlib.Path(pyvirtiofs.__file__).parent; "
              "print(p.parent == pathlib.Path(sys.argv[1]), (p / 'py.typed').exists(), "
