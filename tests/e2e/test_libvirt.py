@@ -25,7 +25,7 @@ import pytest
 
 from pyvirtiofs.fuse import abi
 from pyvirtiofs.testing import guestvm
-from pyvirtiofs.testing.libvirtd import Libvirtd, virsh, virtiofs_domain_xml
+from .libvirtd import Libvirtd, virsh, virtiofs_domain_xml
 
 from .conftest import SRC
 

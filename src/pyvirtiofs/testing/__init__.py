@@ -10,7 +10,9 @@ systems and ``pyvirtiofs.demo`` runs on them.
 - :mod:`.guestvm`: boots a real Linux guest under QEMU with shares mounted and runs a script.
 - :mod:`.conformance`, :mod:`.conformance_runner`: differential file system cases (run in a
   guest on tmpfs and on the share, or on any directory) and their runner.
+- :mod:`.version_client`: the guest half of the metadata version table (docs/version-table.md),
+  a reference for guest drivers.
 
 What only the project's own tests use (daemon fixtures, hand-built requests, hostile-guest
-rings) lives in tests/, not here.
+rings, a private libvirtd) lives in tests/, not here.
 """
