@@ -261,6 +261,9 @@ class Capabilities:
     # SetattrRequest.kill_suidgid, O_TRUNC opens); False: the guest sends a chmod instead.
     handle_killpriv_v2: bool = False
     direct_io_allow_mmap: bool = False  # guests may mmap FOPEN_DIRECT_IO files shared
+    # FUSE_ALLOW_IDMAP: the guest may make idmapped mounts; then only creating requests carry
+    # the caller's ids (mapped through the mount), every other one uid = gid = 2**32 - 1
+    idmapped_mounts: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -141,7 +141,8 @@ class PassthroughFs(FileSystem):
                                          handle_killpriv_v2=killpriv_v2,
                                          direct_io_allow_mmap=allow_mmap,
                                          posix_acl=posix_acl, security_label=security_label,
-                                         submounts=announce_submounts)
+                                         submounts=announce_submounts,
+                                         idmapped_mounts=True)  # ids matter only to creations
         self._locks = locks.LockTable(lambda nodeid, flags: self._reopen(self._inode(nodeid), flags))
         # Root may create files as the guest's users (fsuid); the sandbox may change it.
         self.privileged = os.geteuid() == 0

@@ -14,9 +14,9 @@ KERNEL_VERSION = 7
 # needs host fds the guest cannot reach), and leave the new INIT flags off unless asked:
 # DIRECT_IO_ALLOW_MMAP is --allow-mmap; HAS_RESEND needs a notification queue, which Linux's
 # virtio-fs driver never sets up; NO_EXPORT_SUPPORT would only take NFS export away from the
-# guest; ALLOW_IDMAP makes Linux send uid/gid -1 on non-creating requests and map creators'
-# ids through the guest's idmapped mounts, which --translate-uid/--uid-map do not expect
-# (virtiofsd 1.13 does offer it: idmapped mounts in the guest are not served here yet).
+# guest; ALLOW_IDMAP (as virtiofsd) lets the guest make idmapped mounts, for file systems
+# whose capabilities say they use the caller's ids only when creating (Linux then sends
+# uid/gid -1 on every other request).
 KERNEL_MINOR_VERSION = 41
 MIN_MINOR_VERSION = 27     # oldest guest protocol we serve (as virtiofsd)
 ROOT_ID = 1
@@ -108,6 +108,7 @@ SECURITY_CTX = 1 << 32
 # 7.38: requests that create something may carry the caller's supplementary group that owns
 # the parent directory (an EXT_GROUPS extension), sent when that is not the caller's fsgid
 CREATE_SUPP_GROUP = 1 << 34
+ALLOW_IDMAP = 1 << 40          # 7.40: idmapped mounts of this file system in the guest
 
 # fuse_attr.flags
 ATTR_SUBMOUNT = 1 << 0

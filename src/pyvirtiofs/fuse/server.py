@@ -596,6 +596,8 @@ class FuseServer:
                 want |= abi.HANDLE_KILLPRIV_V2
             if caps.direct_io_allow_mmap:
                 want |= abi.DIRECT_IO_ALLOW_MMAP
+            if caps.idmapped_mounts:
+                want |= abi.ALLOW_IDMAP
             if self.dax is not None and self.dax.available:  # a window the guest can see
                 want |= abi.MAP_ALIGNMENT | abi.HAS_INODE_DAX
                 self.dax.remove_all()  # mappings of an earlier session, if any

@@ -1820,6 +1820,8 @@ FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
 FUSE_CREATE_SUPP_GROUP = 1 << 34
 FUSE_EXT_GROUPS = 32  # request extension type: struct fuse_supp_groups
+FUSE_ALLOW_IDMAP = 1 << 40
+FUSE_INVALID_UIDGID = 0xFFFFFFFF  # the ids Linux sends once ALLOW_IDMAP is on, but on creations
 FUSE_HAS_EXPIRE_ONLY = 1 << 35
 
 #: What a Linux 6.1.192 guest sends in FUSE_INIT (measured: flags 0x7bfffffb, flags2 0xb).
