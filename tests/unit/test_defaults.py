@@ -53,13 +53,10 @@ def rust_defaults(help_text: str) -> dict[str, object]:
         elif name.startswith("no_"):
             # --no-X: X is on unless this flag is marked [default]
             defaults[name[3:]] = "[default]" not in text
-        elif name.startswith("_"):
-            continue
-        else:
-            on = bool(re.search(r"\[default\]", text))
-            defaults.setdefault(name, on)
-            if on:
-                defaults[name] = True
+        elif "[default]" in text:  # --X of a --X/--no-X pair, marked as the default
+            defaults[name] = True
+        else:  # a plain flag is off, unless its --no-X said otherwise
+            defaults.setdefault(name, False)
     return defaults
 
 
