@@ -4,8 +4,7 @@ first change; removing a lower file leaves a whiteout (a 0/0 character device, a
 does).  python examples/overlay_fs.py SOCKET LOWER UPPER"""
 import errno, os, stat, sys, threading
 import pyvirtiofs
-from pyvirtiofs import FsError, PathView
-from pyvirtiofs.passthrough import PassthroughFs
+from pyvirtiofs import FsError, PassthroughFs, PathView
 
 NOREPLACE = 1  # renameat2
 

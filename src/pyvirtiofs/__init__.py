@@ -19,6 +19,7 @@ from .serving import Server, SocketInUse, listen, serve
 
 if TYPE_CHECKING:
     from .hostmount import Mount, mount
+    from .passthrough import PassthroughFs
 
 __all__ = [
     "__version__",
@@ -27,6 +28,8 @@ __all__ = [
     "StatFs", "OpenResult", "SetattrRequest", "Capabilities", "ROOT_INODE",
     # help with node ids, lookup counts and handles; the path level
     "InodeTable", "HandleTable", "PathFileSystem", "PathAdapter", "PathView",
+    # a host directory, to serve or to build on
+    "PassthroughFs",
     # serving to a VM
     "serve", "Server", "listen", "SocketInUse",
     # mounting on the host (/dev/fuse)
@@ -39,4 +42,7 @@ def __getattr__(name: str) -> Any:
     if name in ("mount", "Mount"):
         from . import hostmount
         return getattr(hostmount, name)
+    if name == "PassthroughFs":  # the daemon's file system: imported when first used
+        from .passthrough import PassthroughFs
+        return PassthroughFs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

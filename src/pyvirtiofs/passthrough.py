@@ -104,6 +104,13 @@ class _OpenFile:
 
 
 class PassthroughFs(FileSystem):
+    """The host directory ``root``, served as it is (what pyvirtiofsd serves): confined to
+    ``root`` (see the module documentation), thread-safe, and usable inside another program
+    (it changes no process-wide state: creations take the guest's umask in their own thread).
+    The other arguments are the daemon's options of the same names (README, "Running the
+    daemon"); ``cache`` is a mode of :mod:`pyvirtiofs.cache`.  Build on it through paths with
+    :class:`pyvirtiofs.PathView` (examples/overlay_fs.py)."""
+
     def __init__(self, root: str, cache: str = "auto", readonly: bool = False,
                  xattr: bool = True, posix_locks: bool = True, flock: bool = True,
                  inode_file_handles: str = "never", *, writeback: bool = False,
@@ -421,6 +428,7 @@ class PassthroughFs(FileSystem):
             i.close()
 
     def close(self) -> None:
+        """Close every fd it holds, the root's too; it cannot serve afterwards."""
         self.destroy()
         os.close(self._inodes[ROOT_INODE].fd)
         os.close(self._proc_fd)
