@@ -1,9 +1,9 @@
 """The settings every virtiofs daemon of one benchmark runs with: like for like.
 
 A benchmark that compares daemons gives all of them the SAME sandbox, seccomp, cache and
-thread-pool settings, passed explicitly (the daemons' defaults differ: pyvirtiofsd has no
-seccomp filter by default, the Rust virtiofsd kills on a filtered call, QEMU's C virtiofsd
-always has its filter on and cannot run without a sandbox).  ``options(kind)`` turns them into
+thread-pool settings, passed explicitly (the daemons' defaults may differ: pyvirtiofsd had no
+seccomp filter by default in earlier runs, QEMU's C virtiofsd always has its filter on and
+cannot run without a sandbox).  ``options(kind)`` turns them into
 each daemon's command-line options; ``record(kind)`` is what the results file keeps per daemon,
 so that the README's tables can state them and a test can check they match.
 
