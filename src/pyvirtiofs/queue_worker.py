@@ -106,38 +106,46 @@ class QueueWorker:
         self.vq.signal_error()
 
     def _drain(self) -> None:
+        """Serve every chain on the ring, then interrupt the guest once (if it wants one) and
+        re-arm the kick; loop if chains arrived meanwhile.  Returns when the ring is empty."""
         vq = self.vq
         handler = self.handler
-        while True:
-            pending = 0
+        complete = self.complete
+        pop = vq.pop
+        add_used = vq.add_used
+        pool = self.pool
+        served = 0
+        try:
             while True:
-                try:
-                    chain = vq.pop()
-                except ChainError as e:
-                    self.chain_errors += 1
-                    if self.chain_errors <= 10:
-                        log.warning("dropped a malformed request: %s", e)
-                    pending += 1
-                    continue
-                if chain is None:
-                    break
-                self.served += 1
-                if self.pool is not None and vq.avail_count():
-                    with self._cond:
-                        self._deferred += 1
-                    self.pool.submit(self._pooled, chain)
-                    continue
-                n = handler(chain, self.complete)
-                if n == DEFERRED:
-                    with self._cond:
-                        self._deferred += 1
-                    continue
-                vq.add_used(chain.head, n)
-                pending += 1
-                if pending >= NOTIFY_EVERY:
-                    vq.notify()
-                    pending = 0
-            if pending:
-                vq.notify()
-            if not vq.enable_notification():
-                return
+                added = 0  # used entries since the last interrupt check
+                while True:
+                    try:
+                        chain = pop()
+                    except ChainError as e:
+                        self.chain_errors += 1
+                        if self.chain_errors <= 10:
+                            log.warning("dropped a malformed request: %s", e)
+                        added += 1
+                        continue
+                    if chain is None:
+                        break
+                    served += 1
+                    if pool is not None and vq.avail_count():
+                        with self._cond:
+                            self._deferred += 1
+                        pool.submit(self._pooled, chain)
+                        continue
+                    n = handler(chain, complete)
+                    if n == DEFERRED:
+                        with self._cond:
+                            self._deferred += 1
+                        continue
+                    add_used(chain.head, n)
+                    added += 1
+                    if added >= NOTIFY_EVERY:
+                        vq.notify()
+                        added = 0
+                if not vq.end_batch(added > 0):
+                    return
+        finally:
+            self.served += served

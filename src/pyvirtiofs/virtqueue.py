@@ -224,6 +224,9 @@ class Virtqueue:
         self.enabled = False
         self.broken = False
         self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._avail_known = 0  # chains avail.idx showed that are not popped yet
+        self._mask = 0
+        self._used_event_i = self._avail_event_i = 0  # their 16-bit indices in the rings
         self._lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -248,6 +251,10 @@ class Virtqueue:
         self._avail16 = avail.cast("H")
         self._used16 = used.cast("H")
         self._used32 = used[:4 + 8 * n].cast("I")
+        self._mask = n - 1
+        self._used_event_i = 2 + n
+        self._avail_event_i = 2 + 4 * n
+        self._avail_known = 0
         # Like libvhost-user: the used index is whatever the ring says (it survives reconnects).
         self.next_used = self._used16[1]
         self.signalled_used = None
@@ -264,6 +271,7 @@ class Virtqueue:
         self._desc = self._avail16 = self._used16 = self._used32 = None
         self.memory = None
         self.next_avail = self.next_used = 0
+        self._avail_known = 0
         self.signalled_used = None
         self.enabled = False
         self.broken = False
@@ -277,13 +285,24 @@ class Virtqueue:
                 f"queue {self.index}: avail index moved by {n}, more than the queue size {self.size}")
         return n
 
+    def set_base(self, next_avail: int) -> None:
+        """Where popping starts (SET_VRING_BASE)."""
+        self.next_avail = next_avail
+        self._avail_known = 0
+
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain.  Raises ChainError (chain is returned unused
-        automatically) or QueueBroken."""
-        if self.avail_count() == 0:
-            return None
-        head = self._avail16[2 + (self.next_avail % self.size)]
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        automatically) or QueueBroken.  avail.idx is read only when the chains it showed
+        last time are all popped (a batch of N costs one read, not N)."""
+        if not self._avail_known:
+            n = self.avail_count()
+            if not n:
+                return None
+            self._avail_known = n
+        self._avail_known -= 1
+        i = self.next_avail
+        head = self._avail16[2 + (i & self._mask)]
+        self.next_avail = (i + 1) & 0xFFFF
         if head >= self.size:
             raise QueueBroken(f"queue {self.index}: head descriptor {head} >= queue size {self.size}")
         try:
@@ -351,22 +370,44 @@ class Virtqueue:
         """Ask the driver to kick for chains after the ones popped so far.  Returns True if
         chains arrived meanwhile (the caller must keep popping instead of sleeping)."""
         if self.event_idx:
-            self._used16[2 + 4 * self.size] = self.next_avail
+            self._used16[self._avail_event_i] = self.next_avail
         full_fence()
+        return self.avail_count() > 0
+
+    def end_batch(self, added: bool) -> bool:
+        """The worker popped every chain it saw: interrupt the guest if it wants to hear of
+        the used entries added (``added``: any since the last notify), and ask to be kicked
+        for the next chain.  One full fence serves both directions: the stores (used.idx in
+        add_used, avail_event here) come before it, the loads of used_event and avail.idx
+        after.  Returns True if chains arrived meanwhile: pop them instead of sleeping."""
+        if self.event_idx:
+            self._used16[self._avail_event_i] = self.next_avail
+        full_fence()
+        if added and self.call_fd is not None and self._wants_interrupt():
+            try:
+                os.eventfd_write(self.call_fd, 1)
+            except OSError:
+                pass
         return self.avail_count() > 0
 
     # -- device -> driver -----------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
         with self._lock:
-            slot = self.next_used % self.size
-            self._used32[1 + 2 * slot] = head
-            self._used32[2 + 2 * slot] = length
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            self._used16[1] = self.next_used  # stores stay in order on x86 (TSO)
+            used = self.next_used
+            slot = 1 + 2 * (used & self._mask)
+            self._used32[slot] = head
+            self._used32[slot + 1] = length
+            self.next_used = used = (used + 1) & 0xFFFF
+            self._used16[1] = used  # stores stay in order on x86 (TSO)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last one."""
         full_fence()
+        return self._wants_interrupt()
+
+    def _wants_interrupt(self) -> bool:
+        """needs_notification after the fence: vring_need_event(used_event, new, old) with
+        EVENT_IDX (virtio 1.x 2.7.10), else the avail ring's NO_INTERRUPT flag."""
         with self._lock:
             new = self.next_used
             if not self.event_idx:
@@ -375,7 +416,7 @@ class Virtqueue:
             self.signalled_used = new
             if old is None:
                 return True
-            event = self._avail16[2 + self.size]
+            event = self._avail16[self._used_event_i]
             return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
     def notify(self) -> None:

@@ -379,7 +379,7 @@ class VhostUserSession:
         vq = self._queue(index)
         if num > 0xFFFF:
             raise BadMessage(f"queue {index}: base {num} is not a 16-bit index")
-        vq.next_avail = num
+        vq.set_base(num)
 
     def _get_vring_base(self, msg):
         index, _ = self._payload(msg, m.VRING_STATE)
