@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+from operator import add as _add
 from dataclasses import dataclass, field
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -127,30 +128,32 @@ class GuestMemory:
         """Views covering [addr, addr+length), split where regions meet (they may be adjacent)."""
         if addr < 0 or length < 0:
             raise GuestMemoryError(f"guest range [{addr:#x}, +{length:#x}) is negative")
-        return self.gather(((addr, length),))[0]
+        return self.gather([addr], [length])[0]
 
-    def gather(self, buffers) -> tuple[list[memoryview], int]:
-        """Views covering ``buffers`` -- (addr, length, ...) tuples in order, as a chain's
-        descriptors give them -- and their total length.  Each buffer is checked against its
-        region once; consecutive buffers that are contiguous in one region become one view;
-        a buffer across two adjacent regions becomes one view in each; zero-length buffers
-        are skipped (whatever their address).  Addresses and lengths are non-negative (they
-        come from the u64/u32 fields of descriptors).  Raises GuestMemoryError if any byte is outside
-        guest memory."""
+    def gather(self, addrs: list[int], lens: list[int]) -> tuple[list[memoryview], int]:
+        """Views covering the buffers [addrs[i], addrs[i] + lens[i]) -- a chain's descriptors
+        of one direction, in order -- and their total length.  Each buffer is checked against
+        its region once; consecutive buffers that are contiguous in one region become one
+        view; a buffer across two adjacent regions becomes one view in each; zero-length
+        buffers are skipped (whatever their address).  Addresses and lengths are
+        non-negative (they come from the u64/u32 fields of descriptors).  Raises
+        GuestMemoryError if any byte is outside guest memory."""
+        if len(addrs) > 1 and list(map(_add, addrs[:-1], lens[:-1])) == addrs[1:]:
+            # each buffer starts where the one before ends (a large request in contiguous
+            # guest pages): one range to check, found without a Python loop
+            addrs, lens = addrs[:1], [sum(lens)]
         out: list[memoryview] = []
         total = 0
         r = self._hint
         if r is None:  # no memory at all: only zero-length buffers are fine
-            for b in buffers:
-                if b[1]:
-                    raise GuestMemoryError(f"guest address {b[0]:#x} is not in guest memory")
+            for addr, n in zip(addrs, lens):
+                if n:
+                    raise GuestMemoryError(f"guest address {addr:#x} is not in guest memory")
             return out, 0
         base, size = r.guest_phys_addr, r.size
         run = None            # the region of the view being grown, and its [start, end)
         start = end = 0
-        for b in buffers:
-            addr = b[0]
-            n = b[1]
+        for addr, n in zip(addrs, lens):
             if not n:
                 continue
             total += n
