@@ -5,10 +5,14 @@ What an object store can and cannot do, and what the guest sees (README "Object 
 - Directories are key prefixes.  ``mkdir`` makes an empty directory that exists in this daemon
   (and in stores with real directories) until a file is written under it.
 - Reads are ranged GETs through fsspec's read-ahead cache (``block_size`` bytes at a time).
-- Writes go to a local spool file and are uploaded whole (fsspec's multipart upload for large
-  ones) on close and on fsync; fsync returns once the store has the object.  An upload that
-  fails answers EIO to that close or fsync (and is logged), the data stays in the spool and the
-  next fsync/close tries again.  Opening an existing object for writing without O_TRUNC
+- Writes go to a local spool file and are uploaded whole with the store's ``put_file`` (for S3
+  a multipart upload above two parts, aborted if a part fails: the older object stays) on
+  close and on fsync; fsync returns once the store has the object.  An upload that fails
+  answers EIO (EACCES when the store refuses the credentials) to that close or fsync and is
+  logged; the data stays in the spool and the next fsync/close tries again.
+- Every error from the store's client becomes an errno for the guest (ENOENT, EACCES, else
+  EIO) and one line in the log.  For S3 the client's retries and timeouts are bounded
+  (``S3_LIMITS``), so a failing or stalled store answers within a stated time.  Opening an existing object for writing without O_TRUNC
   downloads it into the spool first: the whole object is rewritten on close.
 - rename is copy then delete (not atomic; a directory is renamed object by object).
 - No hard links, symbolic links or device nodes (EPERM, as link(2)/symlink(2)/mknod(2) say for
@@ -20,12 +24,12 @@ What an object store can and cannot do, and what the guest sees (README "Object 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import logging
 import os
 import posixpath
-import shutil
 import stat
 import tempfile
 import threading
@@ -38,20 +42,58 @@ from .pathfs import PathFileSystem
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'pyvirtiofs[fsspec]' (and 'pyvirtiofs[s3]' for s3://)"
-COPY_CHUNK = 8 << 20
+
+# Bounds on each request to an S3 store (botocore's Config; ``--source-option
+# config_kwargs={...}`` overrides them key by key).  Left to s3fs and botocore's defaults, a
+# store answering 500s was retried for minutes while the guest's fsync (and the daemon's
+# exit) waited.  With these, one request gives up after 3 attempts, each abandoned after 5 s
+# without a connection or 15 s without a byte of the answer (plus up to a few seconds of
+# backoff): about a minute at worst, a few seconds when the store answers errors at once.
+S3_LIMITS = {"connect_timeout": 5, "read_timeout": 15,
+             "retries": {"total_max_attempts": 3, "mode": "standard"}}
 
 
-def open_url(url: str, options: dict[str, str] | None = None):
+def open_url(url: str, options: dict[str, Any] | None = None):
     """``(fsspec file system, root path)`` for ``url``; ImportError names what to install."""
     try:
         import fsspec.core
     except ImportError:
         raise ImportError(f"--source needs fsspec: {INSTALL_HINT}") from None
+    options = dict(options or {})
+    is_s3 = fsspec.core.split_protocol(url)[0] in ("s3", "s3a")
+    if is_s3:
+        given = options.get("config_kwargs", {})
+        if not isinstance(given, dict):
+            raise ValueError("config_kwargs must be a JSON object, e.g. "
+                             "config_kwargs='{\"read_timeout\": 5}'")
+        options["config_kwargs"] = {**S3_LIMITS, **given}
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # a backend (s3fs, gcsfs...) is missing: fsspec says which
         raise ImportError(f"--source {url}: {e}") from None
+    if is_s3:
+        fs.retries = 1  # botocore retries as bounded above; s3fs's own loop would multiply them
     return fs, root
+
+
+@contextlib.contextmanager
+def _store(what: str, *args: Any):
+    """Turn whatever the store's client raises into an errno for the guest (ENOENT, EACCES,
+    else EIO), logging one line: ``what % args`` and the store's message."""
+    try:
+        yield
+    except FsError:
+        raise
+    except FileNotFoundError:
+        raise FsError(errno.ENOENT) from None
+    except Exception as e:  # botocore's and aiohttp's errors are not all OSErrors
+        log.error("%s: %s", what % args, _message(e))
+        raise FsError(errno.EACCES if isinstance(e, PermissionError) else errno.EIO) from None
+
+
+def _message(e: BaseException) -> str:
+    text = str(getattr(e, "strerror", None) or e).strip().splitlines()  # no "[Errno 121]"
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _mtime_ns(info: dict) -> int:
@@ -96,6 +138,8 @@ class _Reader:
 class FsspecFs(PathFileSystem):
     """Serves the fsspec file system ``fs`` below ``root`` (a bucket/prefix, or "")."""
 
+    serve_in_threads = True  # requests wait on the network: one must not hold up the rest
+
     def __init__(self, fs: Any, root: str = "", *, listing_timeout: float = 1.0,
                  block_size: int = 4 << 20, part_size: int = 8 << 20,
                  spool_dir: str | None = None):
@@ -110,6 +154,9 @@ class FsspecFs(PathFileSystem):
         self._listings: dict[str, tuple[float, dict[str, dict]]] = {}
         self._pending: dict[str, _Upload] = {}   # path -> the newest open upload
         self._dirs: set[str] = {"/"}            # directories made by mkdir here
+        # put_file's part size, for the stores that take one (s3fs: a single PUT below two)
+        self._put_options = ({"chunksize": part_size}
+                             if "s3" in _protocols(fs) else {})
 
     @classmethod
     def from_url(cls, url: str, options: dict[str, str] | None = None, **kw: Any) -> "FsspecFs":
@@ -137,11 +184,15 @@ class FsspecFs(PathFileSystem):
         if hit and now - hit[0] < self.listing_timeout:
             return hit[1]
         try:
-            infos = self.fs.ls(self._key(path), detail=True, refresh=True)
-        except FileNotFoundError:
+            with _store("listing %s", path):
+                try:
+                    infos = self.fs.ls(self._key(path), detail=True, refresh=True)
+                except TypeError:  # a backend without refresh=
+                    infos = self.fs.ls(self._key(path), detail=True)
+        except FsError as e:
+            if e.errno != errno.ENOENT:
+                raise
             infos = None
-        except TypeError:  # a backend without refresh=
-            infos = self.fs.ls(self._key(path), detail=True)
         if infos is None:
             if path in self._dirs:
                 infos = []
@@ -176,7 +227,9 @@ class FsspecFs(PathFileSystem):
             return {"type": "file", "size": up.size(), "pending": up}
         try:
             info = self._listing(posixpath.dirname(path)).get(posixpath.basename(path))
-        except FsError:
+        except FsError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise  # the store failed: not an answer about this name
             info = None
         if info is None and path in self._dirs:
             return {"type": "directory"}
@@ -216,8 +269,10 @@ class FsspecFs(PathFileSystem):
             up = info.get("pending")
             if up is not None:  # not uploaded yet: read what was written
                 return up
-            return _Reader(self.fs.open(self._key(path), "rb", block_size=self.block_size,
-                                        cache_type="readahead"))
+            with _store("opening %s", path):
+                return _Reader(self.fs.open(self._key(path), "rb",
+                                            block_size=self.block_size,
+                                            cache_type="readahead"))
         up = _Upload(self.spool_dir)
         if flags & os.O_TRUNC or not info.get("size"):
             up.dirty = bool(flags & os.O_TRUNC)
@@ -229,25 +284,17 @@ class FsspecFs(PathFileSystem):
         return up
 
     def _download(self, path: str, up: _Upload) -> None:
-        try:
-            with self.fs.open(self._key(path), "rb", block_size=self.block_size) as src:
-                shutil.copyfileobj(src, up.spool, COPY_CHUNK)
-        except OSError as e:
-            log.error("downloading %s to rewrite it: %s", path, e)
-            raise FsError(errno.EIO) from None
+        with _store("downloading %s to rewrite it", path):
+            self.fs.get_file(self._key(path), _fd_path(up.spool))
 
     def read(self, path: str, fh: Any, offset: int, size: int) -> bytes:
         if isinstance(fh, _Upload):
             return os.pread(fh.spool.fileno(), size, offset)
         if not isinstance(fh, _Reader):
             raise FsError(errno.EBADF)
-        with fh.lock:
-            try:
-                fh.f.seek(offset)
-                return bytes(fh.f.read(size))
-            except OSError as e:
-                log.error("reading %s at %d: %s", path, offset, e)
-                raise FsError(_errno_of(e)) from None
+        with fh.lock, _store("reading %s at %d", path, offset):
+            fh.f.seek(offset)
+            return bytes(fh.f.read(size))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -297,17 +344,18 @@ class FsspecFs(PathFileSystem):
             up.spool.close()
 
     def _upload(self, path: str, up: _Upload) -> None:
-        """Put the spool in the store; EIO (logged) if it could not."""
+        """Put the spool in the store, all or nothing (put_file: a failed multipart upload is
+        aborted, never completed with parts missing); EIO or EACCES, logged, if it could not."""
         with up.lock:
             if not up.dirty:
                 return
             try:
-                up.spool.seek(0)
-                with self.fs.open(self._key(path), "wb", block_size=self.part_size) as out:
-                    shutil.copyfileobj(up.spool, out, COPY_CHUNK)
-            except Exception as e:  # botocore and aiohttp errors are not all OSErrors
-                log.error("uploading %s failed: %s", path, e)
-                raise FsError(errno.EIO) from None
+                with _store("uploading %s failed", path):
+                    self.fs.put_file(_fd_path(up.spool), self._key(path), **self._put_options)
+            except FsError as e:
+                if e.errno == errno.EACCES:
+                    raise
+                raise FsError(errno.EIO) from None  # a missing bucket too: the write failed
             up.dirty = False
         self._changed(path)
 
@@ -350,8 +398,8 @@ class FsspecFs(PathFileSystem):
             raise FsError(errno.ENOENT)
         try:
             self.fs.makedirs(self._key(path), exist_ok=True)
-        except OSError:
-            pass  # prefixes need no creating in most stores
+        except Exception as e:  # prefixes need no creating in most stores: it lives here
+            log.debug("mkdir %s in the store: %s", path, _message(e))
         with self._lock:
             self._dirs.add(path)
         self._changed(path)
@@ -368,13 +416,11 @@ class FsspecFs(PathFileSystem):
         with self._lock:
             up = self._pending.pop(path, None)
         try:
-            self.fs.rm_file(self._key(path))
-        except FileNotFoundError:
-            if up is None:
-                raise FsError(errno.ENOENT) from None
-        except Exception as e:
-            log.error("deleting %s: %s", path, e)
-            raise FsError(_errno_of(e)) from None
+            with _store("deleting %s", path):
+                self.fs.rm_file(self._key(path))
+        except FsError as e:
+            if e.errno != errno.ENOENT or up is None:
+                raise
         finally:
             self._changed(path)
 
@@ -385,8 +431,8 @@ class FsspecFs(PathFileSystem):
             raise FsError(errno.ENOTEMPTY)
         try:
             self.fs.rmdir(self._key(path))
-        except (OSError, NotImplementedError):
-            pass  # an empty prefix is nothing to remove
+        except Exception as e:  # an empty prefix is nothing to remove
+            log.debug("rmdir %s in the store: %s", path, _message(e))
         with self._lock:
             self._dirs.discard(path)
         self._changed(path)
@@ -413,16 +459,12 @@ class FsspecFs(PathFileSystem):
         if up is not None:
             self._upload(old, up)  # copy what the guest wrote, not the older object
         try:
-            if old_is_dir:
-                self._rename_tree(old, new)
-            else:
-                self.fs.copy(self._key(old), self._key(new))
-                self.fs.rm_file(self._key(old))
-        except FsError:
-            raise
-        except Exception as e:
-            log.error("renaming %s to %s: %s", old, new, e)
-            raise FsError(_errno_of(e)) from None
+            with _store("renaming %s to %s", old, new):
+                if old_is_dir:
+                    self._rename_tree(old, new)
+                else:
+                    self.fs.copy(self._key(old), self._key(new))
+                    self.fs.rm_file(self._key(old))
         finally:
             self._changed(old, new)
         with self._lock:
@@ -472,9 +514,11 @@ class FsspecFs(PathFileSystem):
                       f_files=big, f_ffree=big, f_namemax=1024)
 
 
-def _errno_of(e: BaseException) -> int:
-    if isinstance(e, FileNotFoundError):
-        return errno.ENOENT
-    if isinstance(e, PermissionError):
-        return errno.EACCES
-    return errno.EIO
+def _fd_path(f: Any) -> str:
+    """A path naming the open (unlinked) spool file, for fsspec's put_file/get_file."""
+    return f"/proc/self/fd/{f.fileno()}"
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = getattr(fs, "protocol", ())
+    return (p,) if isinstance(p, str) else tuple(p)

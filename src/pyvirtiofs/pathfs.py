@@ -41,6 +41,11 @@ class PathFileSystem:
     """Seconds the guest may cache names and attributes (0: ask every time); a ``cache=``
     mode given to :func:`~pyvirtiofs.serve` or :func:`~pyvirtiofs.mount` takes its place."""
 
+    serve_in_threads: bool = False
+    """True when methods wait on something slow (a network store): requests are then taken off
+    the queue at once and served in the pool coroutine methods use (:mod:`pyvirtiofs.aio`),
+    so one waiting request does not hold up the others."""
+
     def getattr(self, path: str) -> StatResult:
         """The attributes of ``path`` (an :class:`Attr` or ``os.stat_result``); ENOENT if it
         does not exist.  ``st_ino`` may be 0: the node id is shown then."""
@@ -141,7 +146,7 @@ class PathAdapter(FileSystem):
     def __init__(self, fs: PathFileSystem, cache: str | None = None):
         names = aio.async_methods(fs)
         self.fs: PathFileSystem = aio.Blocking(fs, names) if names else fs  # type: ignore
-        self._has_coroutines = bool(names)
+        self._has_coroutines = bool(names) or fs.serve_in_threads
         self.cache = (CachePolicy("auto", fs.entry_timeout, False, False) if cache is None
                       else CachePolicy.from_name(cache))
         self.inodes: InodeTable[str] = InodeTable("/")
