@@ -115,6 +115,11 @@ class GuestMemory:
 
     def view(self, addr: int, length: int) -> memoryview:
         """A contiguous view of [addr, addr+length), which must lie in one region."""
+        r = self._hint  # as in gather: the region of the last buffer first
+        if r is not None and 0 <= addr - r.guest_phys_addr and 0 <= length and (
+                addr - r.guest_phys_addr + length <= r.size):
+            off = addr - r.guest_phys_addr
+            return r.view[off:off + length]
         r = self._find(addr)
         if r is None or length < 0:
             raise GuestMemoryError(f"guest address {addr:#x} is not in guest memory")

@@ -15,10 +15,12 @@ Memory ordering.  The driver and the device run concurrently on other CPUs.  We 
     avail.idx before the ring entries, and writing a used element before used.idx, need no
     fence there (virtio's rmb/wmb are compiler barriers only on x86, and a CPython bytecode
     boundary is a compiler barrier);
-  * one explicit full fence (:func:`full_fence`) where x86 *can* reorder, a store followed by
-    a load: publishing used.idx then reading used_event / avail.flags, and publishing
-    avail_event then re-reading avail.idx.  A LOCK-prefixed instruction is a full fence on
-    x86; acquiring an uncontended CPython lock executes one (an atomic compare-exchange).
+  * a full fence where x86 *can* reorder, a store followed by a load: publishing used.idx
+    then reading used_event / avail.flags, and publishing avail_event then re-reading
+    avail.idx.  A LOCK-prefixed instruction is a full fence on x86, and acquiring a CPython
+    lock executes one (an atomic compare-exchange): :func:`full_fence` takes a lock of its
+    own; :meth:`Virtqueue.end_batch` does both stores, then takes the queue's lock once,
+    which fences both directions before the two loads.
 On weakly ordered CPUs (arm64) the first two points would need real fences; the daemon refuses
 to start there rather than corrupt rings silently (see :data:`ORDERING_IS_SAFE`).
 """
@@ -439,13 +441,15 @@ class Virtqueue:
         after.  Returns True if chains arrived meanwhile: pop them instead of sleeping."""
         if self.event_idx:
             self._used16[self._avail_event_i] = self.next_avail
-        full_fence()
-        if added and self.call_fd is not None and self._wants_interrupt():
+        with self._lock:  # taking it is the full fence (an atomic compare-exchange)
+            interrupt = added and self._need_interrupt()
+            more = self.avail_count() > 0
+        if interrupt and self.call_fd is not None:
             try:
                 os.eventfd_write(self.call_fd, 1)
             except OSError:
                 pass
-        return self.avail_count() > 0
+        return more
 
     # -- device -> driver -----------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
@@ -463,18 +467,21 @@ class Virtqueue:
         return self._wants_interrupt()
 
     def _wants_interrupt(self) -> bool:
-        """needs_notification after the fence: vring_need_event(used_event, new, old) with
-        EVENT_IDX (virtio 1.x 2.7.10), else the avail ring's NO_INTERRUPT flag."""
         with self._lock:
-            new = self.next_used
-            if not self.event_idx:
-                return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
-            old = self.signalled_used
-            self.signalled_used = new
-            if old is None:
-                return True
-            event = self._avail16[self._used_event_i]
-            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            return self._need_interrupt()
+
+    def _need_interrupt(self) -> bool:
+        """needs_notification after the fence, with the lock held: vring_need_event(used_event,
+        new, old) with EVENT_IDX (virtio 1.x 2.7.10), else the avail ring's NO_INTERRUPT flag."""
+        new = self.next_used
+        if not self.event_idx:
+            return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
+        old = self.signalled_used
+        self.signalled_used = new
+        if old is None:
+            return True
+        event = self._avail16[self._used_event_i]
+        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
     def notify(self) -> None:
         """Signal the call eventfd if the driver wants to hear about new used entries."""
