@@ -143,13 +143,26 @@ class GuestMemory:
         buffers are skipped (whatever their address).  Addresses and lengths are
         non-negative (they come from the u64/u32 fields of descriptors).  Raises
         GuestMemoryError if any byte is outside guest memory."""
-        if len(addrs) > 1 and list(map(_add, addrs[:-1], lens[:-1])) == addrs[1:]:
-            # each buffer starts where the one before ends (a large request in contiguous
-            # guest pages): one range to check, found without a Python loop
-            addrs, lens = addrs[:1], [sum(lens)]
+        r = self._hint
+        if addrs and r is not None and 0 not in lens:
+            # The usual case: every buffer in the region of the last ones.  One min and one
+            # max check them all; the loop only merges runs.
+            base = r.guest_phys_addr
+            if min(addrs) >= base and max(map(_add, addrs, lens)) <= base + r.size:
+                view = r.view
+                out = []
+                start = end = addrs[0]
+                for addr, n in zip(addrs, lens):
+                    if addr == end:
+                        end += n
+                    else:
+                        out.append(view[start - base:end - base])
+                        start = addr
+                        end = addr + n
+                out.append(view[start - base:end - base])
+                return out, sum(lens)
         out: list[memoryview] = []
         total = 0
-        r = self._hint
         if r is None:  # no memory at all: only zero-length buffers are fine
             for addr, n in zip(addrs, lens):
                 if n:

@@ -111,6 +111,23 @@ def test_gather_merges_buffers_that_follow_each_other_in_one_region():
                                          bytes(range(4))]
 
 
+@pytest.mark.parametrize("order", ["in order", "scattered"])
+def test_gather_of_many_pages_keeps_their_order_and_merges_runs(order):
+    data = b"".join(i.to_bytes(2, "little") * 2048 for i in range(64))  # page i says i
+    mem = GuestMemory([region(0x100000, 0x40000, 0, fill=data)])
+    # runs of 1, 3, 2, 1 pages, the third run before the first in memory when scattered
+    pages = [5, 10, 11, 12, 2, 3, 40] if order == "scattered" else [5, 6, 7, 8, 9, 10, 11]
+    views, total = gather(mem, [(0x100000 + p * 0x1000, 0x1000) for p in pages])
+    assert total == 7 * 0x1000
+    assert b"".join(views) == b"".join(p.to_bytes(2, "little") * 2048 for p in pages)
+    assert len(views) == (4 if order == "scattered" else 1)
+    # the last run ends inside a page; the last buffer one byte past the region
+    views, _ = gather(mem, [(0x100000, 0x1000), (0x101000, 0x10), (0x120000, 8)])
+    assert [len(v) for v in views] == [0x1010, 8]
+    with pytest.raises(GuestMemoryError):
+        gather(mem, [(0x100000, 0x1000), (0x101000, 0x10), (0x13FFF8, 9)])
+
+
 def test_gather_views_write_to_the_guest_addresses_named():
     fd = os.memfd_create("ram")
     os.ftruncate(fd, 0x2000)
