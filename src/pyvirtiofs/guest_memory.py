@@ -144,6 +144,11 @@ class GuestMemory:
         non-negative (they come from the u64/u32 fields of descriptors).  Raises
         GuestMemoryError if any byte is outside guest memory."""
         r = self._hint
+        if len(addrs) == 1 and r is not None:  # one buffer (small requests): no list work
+            n = lens[0]
+            off = addrs[0] - r.guest_phys_addr
+            if 0 <= off and 0 < n and off + n <= r.size:
+                return [r.view[off:off + n]], n
         if addrs and r is not None and 0 not in lens:
             # The usual case: every buffer in the region of the last ones.  One min and one
             # max check them all; the loop only merges runs.

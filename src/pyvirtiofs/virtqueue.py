@@ -333,9 +333,12 @@ class Virtqueue:
         automatically) or QueueBroken.  avail.idx is read only when the chains it showed
         last time are all popped (a batch of N costs one read, not N)."""
         if not self._avail_known:
-            n = self.avail_count()
+            n = (self._avail16[1] - self.next_avail) & 0xFFFF  # avail_count(), inline
             if not n:
                 return None
+            if n > self.size:
+                raise QueueBroken(f"queue {self.index}: avail index moved by {n}, more than "
+                                  f"the queue size {self.size}")
             self._avail_known = n
         self._avail_known -= 1
         i = self.next_avail
@@ -362,10 +365,10 @@ class Virtqueue:
         if d[2] & VIRTQ_DESC_F_INDIRECT:  # how Linux sends every request of 2+ buffers
             raw = self._indirect_table(d)
             if len(raw) >= _SIMPLE_TABLE_MIN:
-                simple = _simple_table(raw)
+                simple = _simple_table(bytes(raw))
                 if simple is not None:
                     return self._chain(head, *simple)
-            table = list(_DESC_ITER(raw))
+            table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
             count = len(table)
             d = table[0]
         seen = 0
@@ -381,7 +384,7 @@ class Virtqueue:
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if table is not None:
                     raise ChainError("indirect descriptor inside an indirect table")
-                table = list(_DESC_ITER(self._indirect_table(d)))
+                table = list(_DESC_ITER(self._indirect_table(d)))  # read once, as above
                 count = len(table)
                 seen = 0
                 d = table[0]
@@ -403,15 +406,15 @@ class Virtqueue:
             d = table[nxt] if table is not None else _DESC_UNPACK_FROM(ring, 16 * nxt)
         return self._chain(head, ra, rl, wa, wl)
 
-    def _indirect_table(self, d: tuple) -> bytes:
-        """A copy of the indirect table descriptor d points to (checked, then copied once)."""
+    def _indirect_table(self, d: tuple) -> memoryview:
+        """The indirect table descriptor d points to, checked (the caller copies it once)."""
         if d[2] & VIRTQ_DESC_F_NEXT:
             raise ChainError("descriptor has both INDIRECT and NEXT")
         length = d[1]
         if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
             raise ChainError(f"indirect table of {length} bytes")
         try:
-            return bytes(self.memory.view(d[0], length))
+            return self.memory.view(d[0], length)
         except GuestMemoryError as e:
             raise ChainError(str(e)) from None
 
@@ -443,7 +446,7 @@ class Virtqueue:
             self._used16[self._avail_event_i] = self.next_avail
         with self._lock:  # taking it is the full fence (an atomic compare-exchange)
             interrupt = added and self._need_interrupt()
-            more = self.avail_count() > 0
+            more = self._avail16[1] != self.next_avail  # the next pop checks the count
         if interrupt and self.call_fd is not None:
             try:
                 os.eventfd_write(self.call_fd, 1)
