@@ -445,14 +445,12 @@ class Virtqueue:
         if self.event_idx:
             self._used16[self._avail_event_i] = self.next_avail
         with self._lock:  # taking it is the full fence (an atomic compare-exchange)
-            interrupt = added and self._need_interrupt()
-            more = self._avail16[1] != self.next_avail  # the next pop checks the count
-        if interrupt and self.call_fd is not None:
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError:
-                pass
-        return more
+            if added and self.call_fd is not None and self._need_interrupt():
+                try:
+                    os.eventfd_write(self.call_fd, 1)  # under the lock: see set_call_fd
+                except OSError:
+                    pass
+            return self._avail16[1] != self.next_avail  # the next pop checks the count
 
     # -- device -> driver -----------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
@@ -488,15 +486,41 @@ class Virtqueue:
 
     def notify(self) -> None:
         """Signal the call eventfd if the driver wants to hear about new used entries."""
-        if self.call_fd is not None and self.needs_notification():
-            try:
-                os.eventfd_write(self.call_fd, 1)
-            except OSError:
-                pass
+        full_fence()
+        with self._lock:
+            if self.call_fd is not None and self._need_interrupt():
+                try:
+                    os.eventfd_write(self.call_fd, 1)
+                except OSError:
+                    pass
+
+    def set_call_fd(self, fd: int | None) -> None:
+        """Interrupt through fd from now on (SET_VRING_CALL); the old one is closed.  Done
+        under the lock the interrupting threads hold while they write, so none writes to a
+        closed fd -- or to a new file that got its number.  The new fd is signalled once, as
+        libvhost-user does: an interrupt that went to the old one (which the frontend may
+        no longer watch) must not be lost; a spurious one costs the guest a ring check."""
+        with self._lock:
+            old, self.call_fd = self.call_fd, fd
+            if old is not None:
+                os.close(old)
+            if fd is not None and self._desc is not None:
+                try:
+                    os.eventfd_write(fd, 1)
+                except OSError:
+                    pass
+
+    def set_err_fd(self, fd: int | None) -> None:
+        """Report a broken ring through fd from now on (SET_VRING_ERR); the old one is closed."""
+        with self._lock:
+            old, self.err_fd = self.err_fd, fd
+            if old is not None:
+                os.close(old)
 
     def signal_error(self) -> None:
-        if self.err_fd is not None:
-            try:
-                os.eventfd_write(self.err_fd, 1)
-            except OSError:
-                pass
+        with self._lock:
+            if self.err_fd is not None:
+                try:
+                    os.eventfd_write(self.err_fd, 1)
+                except OSError:
+                    pass

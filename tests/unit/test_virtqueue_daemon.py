@@ -3,7 +3,8 @@ frontend (which plays QEMU 7.2 and a Linux 6.1 guest driver).
 
 Direct and indirect chains, scattered buffers, chains spread over two memory regions with a
 gap and a non-zero mmap_offset, a descriptor crossing two adjacent regions, EVENT_IDX on and
-off (interrupts when asked, none when suppressed, every completion seen), 64 requests in
+off (interrupts when asked, none when suppressed, every completion seen, a new call fd
+signalled), 64 requests in
 flight on a 1024-entry queue, 16-bit index wrap-around, four request queues, and the hiprio
 queue (FORGET, BATCH_FORGET and INTERRUPT take no reply and never wait behind requests).
 """
@@ -263,6 +264,30 @@ def test_interrupt_suppression(daemon, event_idx):
     assert select.select([q.call_fd], [], [], 5)[0], "no interrupt after the 3rd completion"
     for u in us:
         assert c.wait(u).check()
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+def test_a_new_call_fd_is_signalled(daemon, event_idx):
+    """QEMU replaces a ring's call eventfd while the guest runs (masking or unmasking an
+    MSI-X vector, a reconnect): an interrupt that went to the old fd, which the frontend may
+    no longer watch, must not leave the guest waiting.  The daemon signals the new fd once
+    (as libvhost-user does), and interrupts through it afterwards."""
+    c = daemon.client(event_idx=event_idx, client_kwargs={"request_queue": 1})
+    q = c.fe.queues[1]
+    c.getattr(FUSE_ROOT_ID)
+    _call_pending(q)
+    base = q.last_used
+    u = _getattr_on(c, 1)
+    _spin_until_used(q, base + 1)   # answered, its interrupt sent to the old fd: ignored
+    new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    c.fe._vring_fd(Req.SET_VRING_CALL, 1, new, need_reply=True)
+    assert select.select([new], [], [], 5)[0], "the new call fd was not signalled"
+    old, q.call_fd = q.call_fd, new
+    os.close(old)
+    assert c.wait(u).check()
+    _call_pending(q)
+    assert c.getattr(FUSE_ROOT_ID)  # later interrupts come through the new fd
+    c.fe.sync()
 
 
 # ------------------------------------------------------------------------------------------

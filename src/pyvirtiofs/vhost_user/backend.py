@@ -415,15 +415,11 @@ class VhostUserSession:
 
     def _set_vring_call(self, msg):
         vq, fd = self._vring_fd(msg)
-        old, vq.call_fd = vq.call_fd, fd
-        if old is not None:
-            os.close(old)
+        vq.set_call_fd(fd)
 
     def _set_vring_err(self, msg):
         vq, fd = self._vring_fd(msg)
-        old, vq.err_fd = vq.err_fd, fd
-        if old is not None:
-            os.close(old)
+        vq.set_err_fd(fd)
 
     def _set_vring_enable(self, msg):
         index, enable = self._payload(msg, m.VRING_STATE)
