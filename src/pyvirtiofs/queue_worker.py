@@ -67,16 +67,20 @@ class QueueWorker:
         poller = select.poll()
         poller.register(vq.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        kick_fd, stop_fd = vq.kick_fd, self._stop_fd
+        poll = poller.poll
+        eventfd_read = os.eventfd_read
         try:
             while True:
                 self._drain()
                 if vq.broken:
                     return
-                ready = {fd for fd, _ in poller.poll()}
-                if self._stop_fd in ready:
+                ready = poll()
+                if (len(ready) != 1 or ready[0][0] != kick_fd) and any(
+                        fd == stop_fd for fd, _ in ready):
                     return
                 try:
-                    os.eventfd_read(vq.kick_fd)
+                    eventfd_read(kick_fd)
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError as e:
