@@ -24,6 +24,7 @@ import bisect
 import mmap
 import os
 from operator import add as _add
+from typing import Sequence
 from dataclasses import dataclass, field
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -135,7 +136,7 @@ class GuestMemory:
             raise GuestMemoryError(f"guest range [{addr:#x}, +{length:#x}) is negative")
         return self.gather([addr], [length])[0]
 
-    def gather(self, addrs: list[int], lens: list[int]) -> tuple[list[memoryview], int]:
+    def gather(self, addrs: Sequence[int], lens: Sequence[int]) -> tuple[list[memoryview], int]:
         """Views covering the buffers [addrs[i], addrs[i] + lens[i]) -- a chain's descriptors
         of one direction, in order -- and their total length.  Each buffer is checked against
         its region once; consecutive buffers that are contiguous in one region become one
@@ -144,11 +145,33 @@ class GuestMemory:
         non-negative (they come from the u64/u32 fields of descriptors).  Raises
         GuestMemoryError if any byte is outside guest memory."""
         r = self._hint
-        if len(addrs) == 1 and r is not None:  # one buffer (small requests): no list work
+        count = len(addrs)
+        if count == 1 and r is not None:  # one buffer: no list work
             n = lens[0]
             off = addrs[0] - r.guest_phys_addr
             if 0 <= off and 0 < n and off + n <= r.size:
                 return [r.view[off:off + n]], n
+        elif 1 < count <= 8 and r is not None:
+            # A few buffers (a small request's header and arguments): each checked in one
+            # comparison chain; any that is not plainly inside the last region sends the
+            # whole lot to the general path below.
+            base, size, view = r.guest_phys_addr, r.size, r.view
+            out = []
+            start = end = -1
+            for addr, n in zip(addrs, lens):
+                off = addr - base
+                if not (0 <= off and 0 < n and off + n <= size):
+                    break
+                if off == end:
+                    end += n
+                else:
+                    if start >= 0:
+                        out.append(view[start:end])
+                    start = off
+                    end = off + n
+            else:
+                out.append(view[start:end])
+                return out, sum(lens)
         if addrs and r is not None and 0 not in lens:
             # The usual case: every buffer in the region of the last ones.  One min and one
             # max check them all; the loop only merges runs.

@@ -31,6 +31,7 @@ import os
 import platform
 import struct
 import threading
+from typing import Sequence
 
 from .guest_memory import GuestMemory, GuestMemoryError
 
@@ -54,9 +55,21 @@ def full_fence() -> None:
     _fence_lock.release()
 
 
-# Tables of at least this many bytes are first tried as "simple" (below): under it the
-# Python loop is as fast as the slicing.
-_SIMPLE_TABLE_MIN = 16 * 5
+# Small tables (a FUSE request's header and arguments, its reply's header and result) in
+# Linux's shape: one struct unpack copies the table into a flat tuple; its flags, as a
+# tuple, name the shape (the number of readable entries) in this dict; the links must be
+# 1, 2, ..., n-1.  Anything else goes to the descriptor-by-descriptor walk.  Larger tables
+# take _simple_table.
+_SMALL_TABLE_MAX = 8
+_SMALL_UNPACK = [None] + [struct.Struct("<" + "QIHH" * n).unpack
+                          for n in range(1, _SMALL_TABLE_MAX + 1)]
+_SMALL_LINKS = [None] + [tuple(range(1, n)) for n in range(1, _SMALL_TABLE_MAX + 1)]
+_SMALL_SHAPES: dict[tuple, int] = {}
+for _n in range(1, _SMALL_TABLE_MAX + 1):
+    for _k in range(_n + 1):  # _k readable entries, then _n - _k writable ones
+        _flags = [VIRTQ_DESC_F_NEXT] * _k + [VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE] * (_n - _k)
+        _flags[-1] &= ~VIRTQ_DESC_F_NEXT
+        _SMALL_SHAPES[tuple(_flags)] = _k
 
 
 def _simple_table(raw: bytes) -> tuple[list[int], list[int], list[int], list[int]] | None:
@@ -364,11 +377,20 @@ class Virtqueue:
         count = self.size
         if d[2] & VIRTQ_DESC_F_INDIRECT:  # how Linux sends every request of 2+ buffers
             raw = self._indirect_table(d)
-            if len(raw) >= _SIMPLE_TABLE_MIN:
+            n = len(raw) >> 4
+            if n <= _SMALL_TABLE_MAX:
+                t = _SMALL_UNPACK[n](raw)  # the one read of the table
+                k = _SMALL_SHAPES.get(t[2::4])
+                if k is not None and t[3:-4:4] == _SMALL_LINKS[n]:
+                    addrs = t[0::4]
+                    lens = t[1::4]
+                    return self._chain(head, addrs[:k], lens[:k], addrs[k:], lens[k:])
+                table = [t[i:i + 4] for i in range(0, 4 * n, 4)]
+            else:
                 simple = _simple_table(bytes(raw))
                 if simple is not None:
                     return self._chain(head, *simple)
-            table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
+                table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
             count = len(table)
             d = table[0]
         seen = 0
@@ -418,8 +440,8 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise ChainError(str(e)) from None
 
-    def _chain(self, head: int, ra: list[int], rl: list[int], wa: list[int],
-               wl: list[int]) -> DescriptorChain:
+    def _chain(self, head: int, ra: Sequence[int], rl: Sequence[int], wa: Sequence[int],
+               wl: Sequence[int]) -> DescriptorChain:
         gather = self.memory.gather
         try:
             readable, rlen = gather(ra, rl)
