@@ -224,6 +224,56 @@ class GuestMemory:
             out.append(run.view[start:end])
         return out, total
 
+    def gather_chain(self, addrs: Sequence[int], lens: Sequence[int], k: int
+                     ) -> tuple[list[memoryview], int, list[memoryview], int]:
+        """gather() of a chain's buffers in one call: the first k (device-readable) and the
+        rest (device-writable), each with its total; a run never merges across k."""
+        r = self._hint
+        n = len(addrs)
+        if n == 2 and k == 1 and r is not None:
+            # One buffer each way (a request without arguments, or one whose arguments are
+            # contiguous with its header): two comparison chains, two slices.
+            base, size = r.guest_phys_addr, r.size
+            a0 = addrs[0] - base
+            l0 = lens[0]
+            a1 = addrs[1] - base
+            l1 = lens[1]
+            if 0 <= a0 and 0 < l0 and a0 + l0 <= size and 0 <= a1 and 0 < l1 and (
+                    a1 + l1 <= size):
+                view = r.view
+                return [view[a0:a0 + l0]], l0, [view[a1:a1 + l1]], l1
+        elif 0 < n <= 8 and r is not None:
+            # A small request: each buffer checked against the last region in one comparison
+            # chain; any that is not plainly inside it sends the lot to gather() below.
+            base, size, view = r.guest_phys_addr, r.size, r.view
+            views = []
+            kv = 0            # how many of the views are readable
+            start = end = -1
+            i = 0
+            for addr, ln in zip(addrs, lens):
+                off = addr - base
+                if not (0 <= off and 0 < ln and off + ln <= size):
+                    break
+                if off == end and i != k:
+                    end += ln
+                else:
+                    if start >= 0:
+                        views.append(view[start:end])
+                    if i == k:
+                        kv = len(views)
+                    start = off
+                    end = off + ln
+                i += 1
+            else:
+                views.append(view[start:end])
+                if k >= n:
+                    kv = len(views)
+                rlen = sum(lens[:k])
+                return views[:kv], rlen, views[kv:], sum(lens) - rlen
+        readable, rlen = self.gather(addrs[:k], lens[:k])
+        writable, wlen = self.gather(addrs[k:], lens[k:]) if k < n else ([], 0)
+        return readable, rlen, writable, wlen
+
     def _locate(self, addr: int, n: int) -> tuple[MemoryRegion, int]:
         """The region holding addr and the offset in it; the range may run into the next
         region only if that one is adjacent (checked by _spanning)."""

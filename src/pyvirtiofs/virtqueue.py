@@ -72,8 +72,9 @@ for _n in range(1, _SMALL_TABLE_MAX + 1):
         _SMALL_SHAPES[tuple(_flags)] = _k
 
 
-def _simple_table(raw: bytes) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """The addresses and lengths of an indirect table in the shape Linux writes -- entry i
+def _simple_table(raw: bytes) -> tuple[list[int], list[int], int] | None:
+    """The addresses and lengths of an indirect table in the shape Linux writes, and how
+    many entries are readable -- entry i
     links to i+1, readable entries then writable ones, nothing else set -- or None for any
     other table (the descriptor-by-descriptor walk then judges it).  Only C-level slicing
     and counting: a 1 MiB request's 258 entries cost a few list operations, not a Python
@@ -100,7 +101,7 @@ def _simple_table(raw: bytes) -> tuple[list[int], list[int], list[int], list[int
         return None
     addrs = mv.cast("Q")[0::2].tolist()
     lens = mv.cast("I")[2::4].tolist()
-    return addrs[:k], lens[:k], addrs[k:], lens[k:]
+    return addrs, lens, k
 
 
 class ChainError(Exception):
@@ -367,37 +368,60 @@ class Virtqueue:
 
     def _walk(self, head: int) -> DescriptorChain:
         """Follow the chain from ``head``: its structure here (links, loops, direction order,
-        indirect tables), its addresses in one call per direction to GuestMemory.gather, the
-        one place guest addresses are checked.  The descriptors are copied out of guest
+        indirect tables), its addresses in one call to GuestMemory.gather_chain, the one
+        place guest addresses are checked.  The descriptors are copied out of guest
         memory once (a table at a time for indirect tables), so the guest changing them
         meanwhile cannot make us see two versions."""
         ring = self._desc
         d = _DESC_UNPACK_FROM(ring, 16 * head)
         table = None  # the indirect table's descriptors, once we are in one
         count = self.size
-        if d[2] & VIRTQ_DESC_F_INDIRECT:  # how Linux sends every request of 2+ buffers
-            raw = self._indirect_table(d)
-            n = len(raw) >> 4
+        addrs = None
+        if d[2] == VIRTQ_DESC_F_INDIRECT:  # how Linux sends every request of 2+ buffers
+            n = d[1] >> 4
+            if not 0 < n <= MAX_QUEUE_SIZE or d[1] & 15:
+                raise ChainError(f"indirect table of {d[1]} bytes")
+            try:
+                raw = self.memory.view(d[0], d[1])
+            except GuestMemoryError as e:
+                raise ChainError(str(e)) from None
             if n <= _SMALL_TABLE_MAX:
                 t = _SMALL_UNPACK[n](raw)  # the one read of the table
                 k = _SMALL_SHAPES.get(t[2::4])
                 if k is not None and t[3:-4:4] == _SMALL_LINKS[n]:
                     addrs = t[0::4]
                     lens = t[1::4]
-                    return self._chain(head, addrs[:k], lens[:k], addrs[k:], lens[k:])
-                table = [t[i:i + 4] for i in range(0, 4 * n, 4)]
+                else:
+                    table = [t[i:i + 4] for i in range(0, 4 * n, 4)]
             else:
                 simple = _simple_table(bytes(raw))
                 if simple is not None:
-                    return self._chain(head, *simple)
-                table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
-            count = len(table)
-            d = table[0]
+                    addrs, lens, k = simple
+                else:
+                    table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
+            if addrs is None:
+                count = len(table)
+                d = table[0]
+        if addrs is None:
+            addrs, lens, k = self._follow(d, table, count)
+        try:
+            readable, rlen, writable, wlen = self.memory.gather_chain(addrs, lens, k)
+        except GuestMemoryError as e:
+            raise ChainError(str(e)) from None
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    def _follow(self, d: tuple, table: list | None, count: int
+                ) -> tuple[list[int], list[int], int]:
+        """Descriptor by descriptor from d (in ``table`` if not None, else in the ring): the
+        addresses and lengths of the non-empty buffers, readable ones first, and how many
+        are readable.  Every rule is checked here: loops, chains longer than their table,
+        links outside it, nested tables, INDIRECT with NEXT, readable after writable."""
+        ring = self._desc
         seen = 0
-        ra: list[int] = []  # readable addresses and lengths, writable ones
-        rl: list[int] = []
-        wa: list[int] = []
-        wl: list[int] = []
+        addrs: list[int] = []
+        lens: list[int] = []
+        k = 0            # readable buffers so far
+        writable = False
         while True:
             seen += 1
             if seen > count:
@@ -413,20 +437,19 @@ class Virtqueue:
                 continue
             if d[1]:  # zero-length buffers carry nothing: skipped, wherever they point
                 if flags & VIRTQ_DESC_F_WRITE:
-                    wa.append(d[0])
-                    wl.append(d[1])
-                elif wa:
+                    writable = True
+                elif writable:
                     raise ChainError("device-readable descriptor after a device-writable one")
                 else:
-                    ra.append(d[0])
-                    rl.append(d[1])
+                    k += 1
+                addrs.append(d[0])
+                lens.append(d[1])
             if not flags & VIRTQ_DESC_F_NEXT:
-                break
+                return addrs, lens, k
             nxt = d[3]
             if nxt >= count:
                 raise ChainError(f"next descriptor {nxt} outside its table of {count}")
             d = table[nxt] if table is not None else _DESC_UNPACK_FROM(ring, 16 * nxt)
-        return self._chain(head, ra, rl, wa, wl)
 
     def _indirect_table(self, d: tuple) -> memoryview:
         """The indirect table descriptor d points to, checked (the caller copies it once)."""
@@ -439,16 +462,6 @@ class Virtqueue:
             return self.memory.view(d[0], length)
         except GuestMemoryError as e:
             raise ChainError(str(e)) from None
-
-    def _chain(self, head: int, ra: Sequence[int], rl: Sequence[int], wa: Sequence[int],
-               wl: Sequence[int]) -> DescriptorChain:
-        gather = self.memory.gather
-        try:
-            readable, rlen = gather(ra, rl)
-            writable, wlen = gather(wa, wl) if wa else ([], 0)
-        except GuestMemoryError as e:
-            raise ChainError(str(e)) from None
-        return DescriptorChain(head, readable, writable, rlen, wlen)
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick for chains after the ones popped so far.  Returns True if
