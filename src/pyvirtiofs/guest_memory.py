@@ -242,6 +242,24 @@ class GuestMemory:
                     a1 + l1 <= size):
                 view = r.view
                 return [view[a0:a0 + l0]], l0, [view[a1:a1 + l1]], l1
+        elif n == 4 and k == 2 and r is not None:
+            # Two buffers each way: most FUSE requests (header + argument in, header +
+            # result out).  Four comparison chains; each pair merged if contiguous.
+            base, size = r.guest_phys_addr, r.size
+            a0, a1, a2, a3 = addrs
+            l0, l1, l2, l3 = lens
+            a0 -= base
+            a1 -= base
+            a2 -= base
+            a3 -= base
+            if (0 <= a0 and 0 < l0 and a0 + l0 <= size and 0 <= a1 and 0 < l1
+                    and a1 + l1 <= size and 0 <= a2 and 0 < l2 and a2 + l2 <= size
+                    and 0 <= a3 and 0 < l3 and a3 + l3 <= size):
+                view = r.view
+                return ([view[a0:a1 + l1]] if a0 + l0 == a1
+                        else [view[a0:a0 + l0], view[a1:a1 + l1]], l0 + l1,
+                        [view[a2:a3 + l3]] if a2 + l2 == a3
+                        else [view[a2:a2 + l2], view[a3:a3 + l3]], l2 + l3)
         elif 0 < n <= 8 and r is not None:
             # A small request: each buffer checked against the last region in one comparison
             # chain; any that is not plainly inside it sends the lot to gather() below.

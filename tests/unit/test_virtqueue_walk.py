@@ -75,7 +75,7 @@ def ring():
     return Ring()
 
 
-@pytest.mark.parametrize("nread,nwrite", [(1, 1), (2, 0), (3, 5), (1, 256)])
+@pytest.mark.parametrize("nread,nwrite", [(1, 1), (2, 2), (2, 0), (3, 5), (1, 256)])
 def test_contiguous_pages_become_one_view_each_way(ring, nread, nwrite):
     ring.indirect(linked(pages(0, nread, 0) + pages(nread, nwrite, WRITE)))
     chain = ring.pop()
@@ -96,6 +96,25 @@ def test_scattered_pages_keep_their_order(ring, nwrite):
     chain = ring.pop()
     assert [bytes(v[:8]) for v in chain.writable] == [
         (GPA + DATA_AT + (40 - 2 * i) * 4096).to_bytes(8, "little") for i in range(nwrite)]
+
+
+@pytest.mark.parametrize("bad", [None, 0, 1, 2, 3])
+def test_two_buffers_each_way(ring, bad):
+    """The commonest FUSE request (header + argument in, header + result out), the four
+    buffers apart in memory; then with each one in turn outside guest memory."""
+    descs = pages(10, 1, 0) + pages(20, 1, 0) + pages(5, 1, WRITE) + pages(30, 1, WRITE)
+    if bad is not None:
+        a, n, f, x = descs[bad]
+        descs[bad] = (GPA + SIZE - 8, n, f, x)  # starts inside, ends outside
+    ring.indirect(linked(descs))
+    if bad is not None:
+        with pytest.raises(ChainError):
+            ring.pop()
+        return
+    chain = ring.pop()
+    at = [(GPA + DATA_AT + p * 4096).to_bytes(8, "little") for p in (10, 20, 5, 30)]
+    assert [bytes(v[:8]) for v in chain.readable + chain.writable] == at
+    assert chain.remaining == chain.capacity == 8192
 
 
 def test_zero_length_readable_after_writable_is_skipped(ring):
