@@ -46,6 +46,8 @@ class OverlayFs(pyvirtiofs.PathFileSystem):
                 self.upper.mkdir(path, st.st_mode)
             elif stat.S_ISLNK(st.st_mode):
                 self.upper.symlink(path, self.lower.readlink(path))
+            elif not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device node: no data
+                self.upper.mknod(path, st.st_mode, st.st_rdev)
             else:  # a regular file: its data, 1 MiB at a time
                 src, offset = self.lower.open(path, os.O_RDONLY), 0
                 out = self.upper.create(path, st.st_mode, os.O_WRONLY)
@@ -125,6 +127,8 @@ class OverlayFs(pyvirtiofs.PathFileSystem):
         self.make(path, lambda: self.upper.mkdir(path, mode))
     def symlink(self, path, target):
         self.make(path, lambda: self.upper.symlink(path, target))
+    def mknod(self, path, mode, rdev):
+        self.make(path, lambda: self.upper.mknod(path, mode, rdev))
     def unlink(self, path):
         self.remove(path, rmdir=False)
     def rmdir(self, path):

@@ -166,20 +166,28 @@ def test_overlay_example(guest_ready, short_tmp, tmp_path):
     (lower / "a").chmod(0o640)
     (lower / "dir" / "b").write_text("lower b\n")
     (lower / "dir" / "sub" / "c").write_text("c\n")
+    os.mkfifo(lower / "fifo", 0o644)
     before = {p: p.read_bytes() for p in lower.rglob("*") if p.is_file()}
     out = serve_example("overlay_fs", """
         cat a; echo more >> a; cat a; stat -c %a a
         rm dir/b; ls dir; echo new > dir/new; ls dir
         rm -r dir; ls; mkdir dir; ls dir | wc -l
         mv a a2 && ls && cat a2
+        chmod 600 fifo; stat -c '%a %F' fifo; mkfifo new-fifo; stat -c %F new-fifo
         """, short_tmp, str(lower), str(upper))
     assert out.split() == ["lower", "a", "lower", "a", "more", "640",
                            "sub", "new", "sub",
-                           "a", "0",
-                           "a2", "dir", "lower", "a", "more"], out
+                           "a", "fifo", "0",
+                           "a2", "dir", "fifo", "lower", "a", "more",
+                           "600", "fifo", "fifo"], out
     # the lower directory is untouched; the upper one holds the changes and the whiteouts
     assert {p: p.read_bytes() for p in lower.rglob("*") if p.is_file()} == before
     assert (upper / "a2").read_text() == "lower a\nmore\n"
     wh = os.lstat(upper / "a")
     assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    # the FIFO was copied up to be changed (a FIFO has no data); the lower one kept its mode
+    assert stat.S_ISFIFO(os.lstat(upper / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(upper / "fifo").st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(lower / "fifo").st_mode) == 0o644
+    assert stat.S_ISFIFO(os.lstat(upper / "new-fifo").st_mode)
     assert sorted(os.listdir(upper / "dir")) == ["b", "sub"]  # whiteouts under the new dir
