@@ -183,3 +183,26 @@ def test_memory_example_on_a_host_mount_matches_tmpfs(open_tmp):
     differ = [f"{k}: mount {got.get(k)} tmpfs {v}" for k, v in expected.items()
               if got.get(k) != v]
     assert not differ, "\n".join(differ)
+
+
+def test_memory_example_renameat2_matches_tmpfs_but_whiteout(open_tmp):
+    """rename2_flags is out of the memory example's scope only for RENAME_WHITEOUT (EINVAL
+    there): its NOREPLACE and EXCHANGE results are tmpfs's."""
+    ref = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        def run(root):
+            out = subprocess.run([sys.executable, conformance.__file__, "--root", str(root),
+                                  "--only", "rename2_flags"], capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)["rename2_flags"]
+
+        expected = run(ref)
+        with pyvirtiofs.Mount(load_example("memory_fs").MemoryFs(), open_tmp):
+            got = run(open_tmp)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+    whiteout = 7  # the index of the RENAME_WHITEOUT result in the case's list
+    assert isinstance(got, list), f"the case failed on the memory file system: {got}"
+    assert got[:whiteout] == expected[:whiteout] and len(got[:whiteout]) == whiteout
+    assert "EINVAL" in str(got[whiteout]), got
