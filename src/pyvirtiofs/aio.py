@@ -16,7 +16,8 @@ from __future__ import annotations
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from .filesystem import FileSystem, copy_into
 
@@ -96,6 +97,9 @@ class Blocking:
             if "write" in names and cls.write_from is FileSystem.write_from:
                 self._wait_write = self._waiting(target.write)
                 self.write_from = self._write_from
+            if names & {"readdir", "lookup"} and cls.readdirplus is FileSystem.readdirplus:
+                # the default, calling readdir and lookup through this view
+                self.readdirplus = partial(FileSystem.readdirplus, cast(FileSystem, self))
 
     @staticmethod
     def _waiting(method: Callable[..., Any]) -> Callable[..., Any]:

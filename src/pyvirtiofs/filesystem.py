@@ -450,9 +450,29 @@ class FileSystem:
     def readdir(self, inode: int, fh: int, offset: int) -> Iterable[DirEntry]:
         """Entries after cookie ``offset`` (0: from the start), lazily; the server stops
         pulling when the guest's buffer is full and asks again from the last cookie it used.
-        Include ``.`` and ``..``.  No reference is handed out (for READDIRPLUS the server calls
-        :meth:`lookup` itself, which does)."""
+        Include ``.`` and ``..``.  No reference is handed out (for READDIRPLUS see
+        :meth:`readdirplus`)."""
         raise FsError(errno.ENOSYS)
+
+    def readdirplus(self, inode: int, fh: int, offset: int,
+                    ctx: Context) -> Iterable[tuple[DirEntry, Entry | None]]:
+        """For READDIRPLUS: the entries after cookie ``offset``, each with its
+        :class:`Entry`, lazily.  Each Entry hands out one reference, as :meth:`lookup` does;
+        ``None`` instead for ``.``, ``..`` and an entry that is gone by now (the guest gets a
+        plain directory entry).  The server stops pulling when the guest's buffer is full:
+        the reference of the last entry pulled, which did not fit, it gives back through
+        :meth:`forget`.  The default calls :meth:`readdir` and :meth:`lookup`; override it
+        when your listing comes with the attributes."""
+        for ent in self.readdir(inode, fh, offset):
+            name = ent.name
+            if name == b"." or name == b"..":
+                yield ent, None
+                continue
+            try:
+                entry = self.lookup(inode, name, ctx)
+            except (FsError, OSError):  # gone meanwhile
+                entry = None
+            yield ent, entry
 
     def releasedir(self, inode: int, fh: int) -> None:
         """The directory handle is closed."""

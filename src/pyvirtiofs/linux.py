@@ -154,17 +154,20 @@ def getdents64(fd: int, bufsize: int = 32768) -> bytes:
     return ctypes.string_at(buf, n)
 
 
-def iter_dirents(raw: bytes):
-    """(name, ino, type, next_offset) for each record, parsed lazily: a caller that stops
-    early (a full reply buffer) pays only for what it used."""
-    pos = 0
+def iter_dirents(raw: bytes, pos: int = 0):
+    """(name, ino, type, next_offset, end) for each record from position ``pos`` on (end:
+    where the next record starts), parsed lazily: a caller that stops early (a full reply
+    buffer) pays only for what it used."""
     n = len(raw)
     unpack = _DIRENT64.unpack_from
     find = raw.index
     while pos < n:
         ino, off, reclen, dtype = unpack(raw, pos)
-        yield raw[pos + 19:find(b"\0", pos + 19, pos + reclen)], ino, dtype, off
-        pos += reclen
+        if reclen < 20:  # not a record (the kernel's are at least 24 bytes)
+            return
+        end = pos + reclen
+        yield raw[pos + 19:find(b"\0", pos + 19, end)], ino, dtype, off, end
+        pos = end
 
 
 SYS_name_to_handle_at = 303

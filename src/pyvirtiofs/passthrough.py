@@ -93,13 +93,26 @@ class _MapSource:
 
 
 class _OpenFile:
-    """A file or directory the guest opened: the host fd behind the ``fh`` the guest holds."""
-    __slots__ = ("fd", "nodeid", "lock")
+    """A file or directory the guest opened: the host fd behind the ``fh`` the guest holds
+    (for a directory, also what the last getdents64 on it returned: see readdir)."""
+    __slots__ = ("fd", "nodeid", "lock", "listing")
 
     def __init__(self, fd, nodeid):
         self.fd = fd
         self.nodeid = nodeid
         self.lock = threading.Lock()
+        self.listing: _Listing | None = None
+
+
+class _Listing:
+    """The records one getdents64 returned, after which the directory fd's position is.
+    A reply takes a few dozen of them; the next READDIR, which continues at the cookie of
+    the last entry the reply held, starts here instead of at lseek + getdents64 again."""
+    __slots__ = ("raw", "resume")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.resume: dict[int, int] = {}  # cookie -> position in raw of the record after it
 
 
 
@@ -289,8 +302,9 @@ class PassthroughFs(FileSystem):
         t = self.cache.timeout
         submount = (self.announce_submounts and parent is not None and ino.is_dir
                     and _is_mount_point(parent.fd, name))
-        return Entry(ino.nodeid, self._guest_attr(st), entry_timeout=t, attr_timeout=t,
-                     submount=submount)
+        # positional: keyword arguments cost more than the rest of this method
+        return Entry(ino.nodeid, self._guest_attr(st) if self._map_ids else st, 0, t, t,
+                     submount)
 
     # -- ids (--translate-uid/--translate-gid) ----------------------------------------------
     def _guest_attr(self, st):
@@ -458,7 +472,9 @@ class PassthroughFs(FileSystem):
     def getattr(self, inode, fh, ctx):
         open_file = self._open_files.get(fh) if fh is not None else None
         fd = open_file.fd if open_file is not None else self._inode(inode).fd
-        return Entry(inode, self._guest_attr(os.stat(fd)), attr_timeout=self.cache.timeout)
+        st = os.stat(fd)
+        t = self.cache.timeout
+        return Entry(inode, self._guest_attr(st) if self._map_ids else st, 0, t, t)
 
     def statx(self, inode, fh, ctx):
         open_file = self._open_files.get(fh) if fh is not None else None
@@ -803,18 +819,48 @@ class PassthroughFs(FileSystem):
     def readdir(self, inode, fh, offset):
         open_file = self._open_file(fh)
         # A guest reply holds a few dozen entries (4 KiB, ~24 with READDIRPLUS), so start
-        # with a small read and grow only for callers that keep going.
+        # with a small read and read more only for callers that keep going (what one read
+        # returned stays with the open directory until the listing moves past it).
         bufsize = 2048
         while True:
-            with open_file.lock:  # the fd's position is shared; hold it only for seek + read
-                os.lseek(open_file.fd, offset, os.SEEK_SET)
-                raw = linux.getdents64(open_file.fd, bufsize)
-            if not raw:
+            with open_file.lock:  # the fd's position is shared: seek, read and listing
+                listing = open_file.listing
+                pos = listing.resume.get(offset) if listing is not None and offset else None
+                if pos is None or pos == len(listing.raw):  # (cookie 0: a fresh listing)
+                    os.lseek(open_file.fd, offset, os.SEEK_SET)  # cheap where it is already
+                    raw = linux.getdents64(open_file.fd, bufsize)
+                    listing = open_file.listing = _Listing(raw) if raw else None
+                    pos = 0
+            if listing is None:
                 return
-            for name, ino, dtype, off in linux.iter_dirents(raw):
-                yield DirEntry(name, ino, dtype, off)
-                offset = off
-            bufsize = min(bufsize * 4, 65536)
+            # Where the caller stopped is remembered when it stops pulling (the generator
+            # is closed): after the last entry it took, or the one before (which did not fit
+            # its reply), as cookie -> position of the next record.
+            last = (offset, pos)
+            prev = None
+            try:
+                for name, ino, dtype, off, end in linux.iter_dirents(listing.raw, pos):
+                    prev = last
+                    last = (off, end)
+                    yield DirEntry(name, ino, dtype, off)
+                    offset = off
+            finally:
+                listing.resume = dict((prev, last) if prev is not None else (last,))
+            bufsize = 8192
+
+    def readdirplus(self, inode, fh, offset, ctx):
+        parent = self._inode(inode)
+        entry_of = self._entry
+        for ent in self.readdir(inode, fh, offset):
+            name = ent.name
+            if name == b"." or name == b"..":
+                yield ent, None
+                continue
+            try:
+                entry = entry_of(parent, name)  # a stat; an open only for a new inode
+            except OSError:  # gone meanwhile
+                entry = None
+            yield ent, entry
 
     def statfs(self, inode):
         return os.statvfs(self._inode(inode).fd)

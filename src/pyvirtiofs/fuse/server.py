@@ -88,6 +88,8 @@ _NS = 1_000_000_000
 # fuse_attr_out and fuse_entry_out packed in one call each (the hot replies)
 _ATTR_OUT = struct.Struct("<QII" + abi.ATTR.format[1:])
 _ENTRY_OUT = struct.Struct(abi.ENTRY_OUT_HEAD.format + abi.ATTR.format[1:])
+_ATTR_OUT_PACK_INTO = _ATTR_OUT.pack_into
+_ENTRY_OUT_PACK_INTO = _ENTRY_OUT.pack_into
 
 
 def _timeout(t: float) -> tuple[int, int]:
@@ -145,13 +147,41 @@ def encode_open(o: OpenResult) -> bytes:
     return abi.OPEN_OUT.pack(o.fh, _open_flags(o), 0)
 
 
+# The hot replies pack an os.stat_result's fields in the packing call itself: no tuple of
+# fields in between, whole seconds from the result's integer fields [7:10] (what
+# _attr_fields computes with divmod).  Any other attribute object goes through _attr_fields.
+_STAT_RESULT = os.stat_result
+
+
+def pack_attr_out(buf, offset: int, a, timeout: float, attr_flags: int = 0) -> None:
+    """fuse_attr_out packed into buf at offset (no bytes object in between)."""
+    s, ns = _timeout(timeout)
+    if type(a) is _STAT_RESULT:
+        _ATTR_OUT_PACK_INTO(
+            buf, offset, s, ns, 0, a.st_ino, a.st_size, a.st_blocks, a[7] & _U64,
+            a[8] & _U64, a[9] & _U64, a.st_atime_ns % _NS, a.st_mtime_ns % _NS,
+            a.st_ctime_ns % _NS, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
+            a.st_rdev & 0xFFFFFFFF, a.st_blksize or 4096, attr_flags)
+    else:
+        _ATTR_OUT_PACK_INTO(buf, offset, s, ns, 0, *_attr_fields(a, attr_flags))
+
+
 def pack_entry(buf, offset: int, e: Entry, attr_flags: int = 0) -> None:
     """fuse_entry_out for ``e`` packed into buf at offset (no bytes object in between)."""
     es, ens = _timeout(e.entry_timeout)
     as_, ans = _timeout(e.attr_timeout)
-    _ENTRY_OUT.pack_into(buf, offset, e.inode, e.generation, es, as_, ens, ans,
-                         *_attr_fields(e.attr, attr_flags
-                                       | (abi.ATTR_SUBMOUNT if e.submount else 0)))
+    a = e.attr
+    if e.submount:
+        attr_flags |= abi.ATTR_SUBMOUNT
+    if type(a) is _STAT_RESULT:
+        _ENTRY_OUT_PACK_INTO(
+            buf, offset, e.inode, e.generation, es, as_, ens, ans, a.st_ino, a.st_size,
+            a.st_blocks, a[7] & _U64, a[8] & _U64, a[9] & _U64, a.st_atime_ns % _NS,
+            a.st_mtime_ns % _NS, a.st_ctime_ns % _NS, a.st_mode, a.st_nlink, a.st_uid,
+            a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize or 4096, attr_flags)
+    else:
+        _ENTRY_OUT_PACK_INTO(buf, offset, e.inode, e.generation, es, as_, ens, ans,
+                             *_attr_fields(a, attr_flags))
 
 
 def _reply_space(writable: list, need: int):
@@ -181,7 +211,18 @@ def _fast_name(args, offset: int, n: int) -> bytes | None:
     return name
 
 
-_EMPTY_ENTRY_HEAD = bytes(abi.ENTRY_OUT_SIZE)
+# Directory records by padded name length: fuse_dirent (+ fuse_entry_out before it for
+# READDIRPLUS) and the name with its NUL padding, one struct each.
+_DIRENT: dict[int, struct.Struct] = {}
+_DIRENTPLUS: dict[int, struct.Struct] = {}
+_NO_ENTRY = (0,) * (len(_ENTRY_OUT.format) - 1)  # node id 0: a plain entry
+
+
+def _record_struct(cache: dict, padded: int, entry_format: str) -> struct.Struct:
+    st = cache[padded] = struct.Struct(f"<{entry_format}QQII{padded}s")
+    return st
+
+
 _IN_UNPACK = abi.IN_HEADER.unpack
 _IN_UNPACK_FROM = abi.IN_HEADER.unpack_from
 _OUT_PACK_INTO = abi.OUT_HEADER.pack_into
@@ -194,7 +235,6 @@ _RELEASE_IN_UNPACK_FROM = abi.RELEASE_IN.unpack_from
 _CREATE_IN_UNPACK_FROM = abi.CREATE_IN.unpack_from
 _OPEN_IN_UNPACK_FROM = abi.OPEN_IN.unpack_from
 _FORGET_IN_UNPACK_FROM = abi.FORGET_IN.unpack_from
-_ATTR_OUT_PACK_INTO = _ATTR_OUT.pack_into
 _OPEN_OUT_PACK_INTO = abi.OPEN_OUT.pack_into
 _WRITE_OUT_PACK_INTO = abi.WRITE_OUT.pack_into
 _OFFSET_MAX = 1 << 63
@@ -340,8 +380,7 @@ class FuseServer:
         flags, _, fh = _GETATTR_IN_UNPACK_FROM(args, aoff)
         res = self.fs.getattr(nodeid, fh if flags & abi.GETATTR_FH else None,
                               Context(uid, gid, pid))
-        s, ns = _timeout(res.attr_timeout)
-        _ATTR_OUT_PACK_INTO(out, ooff, s, ns, 0, *_attr_fields(res.attr))
+        pack_attr_out(out, ooff, res.attr, res.attr_timeout)
         _OUT_PACK_INTO(writable[0], 0, 120, 0, unique)
         return 120
 
@@ -1018,36 +1057,68 @@ class FuseServer:
         return self._readdir(req, r, w, plus=True)
 
     def _readdir(self, req, r, w, plus):
+        """READDIR / READDIRPLUS: each record packed by one precompiled struct (the name and
+        its padding included) straight into the guest's buffer when it is one piece."""
         fh, offset, size, _, _, _, _ = abi.READ_IN.unpack(r.read(abi.READ_IN.size))
         size = min(size, max(w.capacity - abi.OUT_HEADER.size, 0), MAX_WRITE)
-        parts = []
-        used = 0
-        head = abi.DIRENT_HEAD
+        out, base = _reply_space(w.writable, size) if w.writable else (None, 0)
+        direct = out is not None
+        if not direct:  # another layout: packed here, copied in at the end
+            out, base = bytearray(size), 0
         fs = self.fs
-        for ent in fs.readdir(req.nodeid, fh, offset):
-            name = ent.name
-            nlen = len(name)
-            reclen = (head.size + nlen + 7) & ~7
-            full = reclen + (abi.ENTRY_OUT_SIZE if plus else 0)
-            if used + full > size:
-                break
-            if plus:
-                if name == b"." or name == b"..":
-                    parts.append(_EMPTY_ENTRY_HEAD)
+        used = 0
+        if not plus:
+            for ent in fs.readdir(req.nodeid, fh, offset):
+                name = ent.name
+                padded = (len(name) + 7) & ~7
+                if used + 24 + padded > size:
+                    break
+                record = _DIRENT.get(padded) or _record_struct(_DIRENT, padded, "")
+                record.pack_into(out, base + used, ent.ino, ent.offset, len(name), ent.type,
+                                 name)
+                used += 24 + padded
+        else:
+            dax = self._inode_dax
+            last_timeout = es = ens = None
+            for ent, e in fs.readdirplus(req.nodeid, fh, offset, req.ctx):
+                name = ent.name
+                padded = (len(name) + 7) & ~7
+                if used + 152 + padded > size:
+                    if e is not None:
+                        fs.forget(e.inode, 1)  # the guest will not see this one
+                    break
+                record = (_DIRENTPLUS.get(padded)
+                          or _record_struct(_DIRENTPLUS, padded, _ENTRY_OUT.format[1:]))
+                if e is None:  # '.', '..' or gone: a plain entry (node id 0)
+                    record.pack_into(out, base + used, *_NO_ENTRY, ent.ino, ent.offset,
+                                     len(name), ent.type, name)
                 else:
-                    try:
-                        parts.append(self._entry(fs.lookup(req.nodeid, name, req.ctx)))
-                    except (FsError, OSError):
-                        parts.append(_EMPTY_ENTRY_HEAD)  # vanished meanwhile: a plain dirent
-            parts.append(head.pack(ent.ino, ent.offset, nlen, ent.type))
-            parts.append(name)
-            pad = reclen - head.size - nlen
-            if pad:
-                parts.append(b"\0" * pad)
-            used += full
-        if not parts:
+                    t = e.entry_timeout
+                    if t != last_timeout:
+                        es, ens = _timeout(t)
+                        last_timeout = t
+                    as_, ans = _timeout(e.attr_timeout) if e.attr_timeout != t else (es, ens)
+                    a = e.attr
+                    flags = ((abi.ATTR_SUBMOUNT if e.submount else 0)
+                             | (self._attr_flags(a) if dax else 0))
+                    if type(a) is _STAT_RESULT:  # as pack_entry
+                        record.pack_into(
+                            out, base + used, e.inode, e.generation, es, as_, ens, ans,
+                            a.st_ino, a.st_size, a.st_blocks, a[7] & _U64, a[8] & _U64,
+                            a[9] & _U64, a.st_atime_ns % _NS, a.st_mtime_ns % _NS,
+                            a.st_ctime_ns % _NS, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
+                            a.st_rdev & 0xFFFFFFFF, a.st_blksize or 4096, flags,
+                            ent.ino, ent.offset, len(name), ent.type, name)
+                    else:
+                        record.pack_into(out, base + used, e.inode, e.generation, es, as_,
+                                         ens, ans, *_attr_fields(a, flags), ent.ino,
+                                         ent.offset, len(name), ent.type, name)
+                used += 152 + padded
+        if not used:
             return 0
-        return self._reply(w, b"".join(parts))
+        if direct:
+            return used
+        return self._reply(w, memoryview(out)[:used])
 
     # -- misc -----------------------------------------------------------------------------
     def _op_access(self, req, r, w):
