@@ -173,22 +173,28 @@ class GuestMemory:
                 out.append(view[start:end])
                 return out, sum(lens)
         if addrs and r is not None and 0 not in lens:
-            # The usual case: every buffer in the region of the last ones.  One min and one
-            # max check them all; the loop only merges runs.
+            # The usual case: every buffer in the region of the last ones.  The loop merges
+            # contiguous buffers into runs and checks each run's two ends against the
+            # region when it closes (a run is contiguous, so its ends bound every buffer in
+            # it); a run outside sends the lot to the buffer-by-buffer checks below.
             base = r.guest_phys_addr
-            if min(addrs) >= base and max(map(_add, addrs, lens)) <= base + r.size:
-                view = r.view
-                out = []
-                start = end = addrs[0]
-                for addr, n in zip(addrs, lens):
-                    if addr == end:
-                        end += n
-                    else:
-                        out.append(view[start - base:end - base])
-                        start = addr
-                        end = addr + n
-                out.append(view[start - base:end - base])
-                return out, sum(lens)
+            limit = base + r.size
+            view = r.view
+            out = []
+            start = end = addrs[0]
+            for addr, n in zip(addrs, lens):
+                if addr == end:
+                    end += n
+                else:
+                    if start < base or end > limit:
+                        break
+                    out.append(view[start - base:end - base])
+                    start = addr
+                    end = addr + n
+            else:
+                if start >= base and end <= limit:
+                    out.append(view[start - base:end - base])
+                    return out, sum(lens)
         out: list[memoryview] = []
         total = 0
         if r is None:  # no memory at all: only zero-length buffers are fine

@@ -128,6 +128,20 @@ def test_gather_of_many_pages_keeps_their_order_and_merges_runs(order):
         gather(mem, [(0x100000, 0x1000), (0x101000, 0x10), (0x13FFF8, 9)])
 
 
+@pytest.mark.parametrize("bad", [0, 5, 11])
+@pytest.mark.parametrize("where", ["below", "straddling the end", "above"])
+def test_gather_of_many_buffers_refuses_any_one_outside(bad, where):
+    """12 page-sized buffers (runs of contiguous ones among them), one of them outside the
+    region: below it, running past its end, or wholly above it."""
+    mem = GuestMemory([region(0x100000, 0x40000, 0), region(0x300000, 0x1000, 0x80000)])
+    pages = [(0x100000 + p * 0x1000, 0x1000) for p in (1, 2, 3, 9, 10, 4, 5, 6, 7, 20, 21, 22)]
+    gather(mem, pages)  # fine as they are
+    pages[bad] = {"below": (0xFF000, 0x1000), "straddling the end": (0x13F800, 0x1000),
+                  "above": (0x140000, 0x1000)}[where]
+    with pytest.raises(GuestMemoryError):
+        gather(mem, pages)
+
+
 def test_gather_views_write_to_the_guest_addresses_named():
     fd = os.memfd_create("ram")
     os.ftruncate(fd, 0x2000)
