@@ -151,27 +151,6 @@ class GuestMemory:
             off = addrs[0] - r.guest_phys_addr
             if 0 <= off and 0 < n and off + n <= r.size:
                 return [r.view[off:off + n]], n
-        elif 1 < count <= 8 and r is not None:
-            # A few buffers (a small request's header and arguments): each checked in one
-            # comparison chain; any that is not plainly inside the last region sends the
-            # whole lot to the general path below.
-            base, size, view = r.guest_phys_addr, r.size, r.view
-            out = []
-            start = end = -1
-            for addr, n in zip(addrs, lens):
-                off = addr - base
-                if not (0 <= off and 0 < n and off + n <= size):
-                    break
-                if off == end:
-                    end += n
-                else:
-                    if start >= 0:
-                        out.append(view[start:end])
-                    start = off
-                    end = off + n
-            else:
-                out.append(view[start:end])
-                return out, sum(lens)
         if addrs and r is not None and 0 not in lens:
             # The usual case: every buffer in the region of the last ones.  The loop merges
             # contiguous buffers into runs and checks each run's two ends against the
