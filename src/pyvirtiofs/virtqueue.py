@@ -27,6 +27,7 @@ to start there rather than corrupt rings silently (see :data:`ORDERING_IS_SAFE`)
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import struct
@@ -73,35 +74,36 @@ for _n in range(1, _SMALL_TABLE_MAX + 1):
 
 
 def _simple_table(raw: bytes) -> tuple[list[int], list[int], int] | None:
-    """The addresses and lengths of an indirect table in the shape Linux writes, and how
-    many entries are readable -- entry i
-    links to i+1, readable entries then writable ones, nothing else set -- or None for any
-    other table (the descriptor-by-descriptor walk then judges it).  Only C-level slicing
-    and counting: a 1 MiB request's 258 entries cost a few list operations, not a Python
-    loop.  The shape rules out loops, nesting and a readable buffer after a writable one."""
+    """The addresses and lengths of an indirect table in the shape Linux writes -- entry i
+    links to i+1, readable entries then writable ones, nothing else set -- and how many
+    entries are readable; or None for any other table (the descriptor-by-descriptor walk
+    then judges it).  Flags and links are compared as bytes with the ones the shape has
+    (a memcmp each); only addresses and lengths become Python ints.  The shape rules out
+    loops, nesting and a readable buffer after a writable one."""
     n = len(raw) >> 4
     mv = memoryview(raw)
     h = mv.cast("H")
-    flags = h[6::8].tolist()
-    last = flags[-1]
-    if last == VIRTQ_DESC_F_WRITE:
-        k = flags.count(VIRTQ_DESC_F_NEXT)
-        if (flags.count(VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE) != n - 1 - k
-                or flags[:k].count(VIRTQ_DESC_F_NEXT) != k):
-            return None
-    elif last == 0:
-        k = n
-        if flags.count(VIRTQ_DESC_F_NEXT) != n - 1:
-            return None
-    else:
+    flags = h[6::8].tobytes()
+    # a guess at k (a count can match across two flags); the comparison below decides
+    k = flags.count(_F_NEXT)
+    if flags != (_F_NEXT * k + _F_NEXT_WRITE * (n - k - 1) + _F_WRITE if k < n
+                 else _F_NEXT * (n - 1) + _F_NONE):
         return None
-    links = h[7::8].tolist()
-    del links[-1]  # the last entry's next is not used
-    if links != list(range(1, n)):
+    if h[7:-8:8].tobytes() != _links(n):  # the last entry's next is not used
         return None
-    addrs = mv.cast("Q")[0::2].tolist()
-    lens = mv.cast("I")[2::4].tolist()
-    return addrs, lens, k
+    return mv.cast("Q")[0::2].tolist(), mv.cast("I")[2::4].tolist(), k
+
+
+_F_NEXT = VIRTQ_DESC_F_NEXT.to_bytes(2, "little")
+_F_WRITE = VIRTQ_DESC_F_WRITE.to_bytes(2, "little")
+_F_NEXT_WRITE = (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE).to_bytes(2, "little")
+_F_NONE = bytes(2)
+
+
+@functools.lru_cache(maxsize=8)
+def _links(n: int) -> bytes:
+    """Entries 1..n-1 as little-endian u16s: the links of an n-entry table in order."""
+    return b"".join(i.to_bytes(2, "little") for i in range(1, n))
 
 
 class ChainError(Exception):
