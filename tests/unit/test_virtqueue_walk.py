@@ -5,12 +5,15 @@ path (one struct unpack for up to 8 entries, memoryview slicing above), anything
 descriptor-by-descriptor walk; every case runs with a 3-entry and a 9-entry table, and all
 must judge alike."""
 
+import ctypes
 import os
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from pyvirtiofs.guest_memory import GuestMemory, MemoryRegion
+from pyvirtiofs.guest_memory import GuestMemory, GuestMemoryError, MemoryRegion
 from pyvirtiofs.virtqueue import ChainError, Virtqueue
 
 NEXT, WRITE, INDIRECT = 1, 2, 4
@@ -170,3 +173,70 @@ def test_a_direct_chain_ending_in_an_indirect_table(ring):
     chain = ring.pop()
     assert [len(v) for v in chain.readable] == [100, 8192]
     assert [len(v) for v in chain.writable] == [4 * 4096]
+
+
+# ------------------------------------------------------------------------------------------
+# The fast paths against the descriptor-by-descriptor walk, on random tables
+# ------------------------------------------------------------------------------------------
+
+def _where(views):
+    """Where each view is (its address in this process) and how long: two lists of views
+    are the same guest buffers exactly when these agree."""
+    return [(ctypes.addressof(ctypes.c_char.from_buffer(v)), len(v)) for v in views]
+
+
+@st.composite
+def tables(draw):
+    """Indirect tables of 1-12 entries, most in Linux's shape or close to it: buffers that
+    follow each other, page-sized or not, some at the end of memory or past it, a flag or a
+    link wrong here and there."""
+    n = draw(st.sampled_from([1, 2, 2, 3, 4, 4, 4, 5, 8, 9, 12]))
+    k = draw(st.sampled_from([n // 2, n // 2, 1, 0, n, draw(st.integers(0, n))]))
+    k = min(k, n)
+    at = DATA_AT + draw(st.integers(0, 64)) * 4096
+    descs = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["follow", "follow", "page", "odd", "end", "outside",
+                                     "empty"]))
+        length = draw(st.sampled_from([16, 40, 4096, 4096, 120])) if kind != "empty" else 0
+        if kind == "page":
+            at = DATA_AT + draw(st.integers(0, 700)) * 4096
+        elif kind == "odd":
+            at = DATA_AT + draw(st.integers(0, SIZE - DATA_AT - 8192))
+        elif kind == "end":
+            at = SIZE - draw(st.sampled_from([8, 4096, 4096 + 16]))
+        elif kind == "outside":
+            at = draw(st.sampled_from([SIZE, SIZE + 4096, -GPA + 4096, 1 << 40]))
+        flags = (WRITE if i >= k else 0) | (NEXT if i < n - 1 else 0)
+        if draw(st.integers(0, 19)) == 0:
+            flags = draw(st.sampled_from([0, NEXT, WRITE, NEXT | WRITE, INDIRECT, 8, 0x100]))
+        nxt = i + 1 if draw(st.integers(0, 9)) else draw(st.integers(0, n + 1))
+        descs.append((GPA + at, length, flags, nxt))
+        at += length
+    return descs
+
+
+@settings(max_examples=600, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(descs=tables())
+def test_fast_paths_judge_like_the_descriptor_walk(ring, descs):
+    for i, d in enumerate(descs):
+        DESC.pack_into(ring.raw, TABLE_AT + 16 * i, *d)
+    head = (GPA + TABLE_AT, 16 * len(descs), INDIRECT, 0)
+    DESC.pack_into(ring.raw, DESC_AT, *head)
+    vq, mem = ring.vq, ring.mem
+    try:  # the reference: the rules one descriptor at a time, gather() per direction
+        addrs, lens, k = vq._follow(head, None, QSIZE)
+        ref = mem.gather(addrs[:k], lens[:k]), mem.gather(addrs[k:], lens[k:])
+    except (ChainError, GuestMemoryError) as e:
+        ref = type(e)
+    try:
+        chain = vq._walk(0)
+        got = (_where(chain.readable), chain.remaining), (_where(chain.writable), chain.capacity)
+    except ChainError:
+        got = ChainError
+    if ref in (ChainError, GuestMemoryError):
+        assert got is ChainError, descs
+    else:
+        (rv, rl), (wv, wl) = ref
+        assert got == ((_where(rv), rl), (_where(wv), wl)), descs
