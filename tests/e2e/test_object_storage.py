@@ -1,7 +1,8 @@
 """pyvirtiofsd --source=s3://bucket/prefix gives a real guest a share of a bucket on an S3 API
 server (moto's, on loopback, started and stopped by the fixture): the guest lists, reads with
-checksums, writes a 20 MiB file (20 rather than the issue's 100 MiB, to keep CI short; it is
-still several multipart parts), renames and deletes; the bucket is checked through boto3."""
+checksums, writes a 100 MiB file (13 multipart parts), renames and deletes; the bucket is
+checked through boto3.  The same workload on memory://, and a guest working through a store
+that answers 500s.  (100 MiB rather than 20 costs CI about 40 s for both tests, measured.)"""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SCRIPT = """
 set -e
 ls | tr '\\n' ' '; echo
 sha256sum docs/a.bin | cut -d' ' -f1
-dd if=/dev/urandom of=/tmp/w bs=1M count=20 2>/dev/null
+dd if=/dev/urandom of=/tmp/w bs=1M count=100 2>/dev/null
 sha256sum /tmp/w | cut -d' ' -f1
 cp /tmp/w written.bin
 sync
@@ -58,7 +59,7 @@ def test_a_guest_works_on_a_bucket(guest_ready, short_tmp, s3_server):  # noqa: 
     assert lines[3] == "renamed.bin", res.output
     assert lines[4] == written_sum, res.output
     keys = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket="guest")["Contents"]}
-    assert keys == {"pre/docs/renamed.bin": len(body), "pre/written.bin": 20 << 20}, keys
+    assert keys == {"pre/docs/renamed.bin": len(body), "pre/written.bin": 100 << 20}, keys
     got = s3.get_object(Bucket="guest", Key="pre/written.bin")["Body"].read()
     assert hashlib.sha256(got).hexdigest() == written_sum
     renamed = s3.get_object(Bucket="guest", Key="pre/docs/renamed.bin")["Body"].read()
@@ -68,7 +69,7 @@ def test_a_guest_works_on_a_bucket(guest_ready, short_tmp, s3_server):  # noqa: 
 MEMORY_SCRIPT = """
 set -e
 mkdir d
-dd if=/dev/urandom of=/tmp/w bs=1M count=20 2>/dev/null
+dd if=/dev/urandom of=/tmp/w bs=1M count=100 2>/dev/null
 cp /tmp/w d/w.bin
 sync
 echo 3 > /proc/sys/vm/drop_caches
