@@ -208,7 +208,10 @@ class FsspecFs(PathFileSystem):
                 continue  # the directory itself (some backends list it)
             out[posixpath.basename(name)] = info
         with self._lock:
-            self._listings[path] = (now, out)
+            # valid from when the answer came: a listing that takes longer than the timeout
+            # (1,000 keys from a slow store) would otherwise be stale on arrival, and every
+            # lookup in that directory would list it again
+            self._listings[path] = (time.monotonic(), out)
         return out
 
     def _changed(self, *paths: str) -> None:

@@ -168,6 +168,26 @@ def test_a_stalled_store_times_out_and_other_requests_are_served_meanwhile(
     assert "listing /: ConnectionClosedError" in out, out
 
 
+def test_a_slow_store_is_served_and_listed_once_for_many_lookups(tmp_path, bucket, proxy):
+    s3, b = bucket
+    for i in range(3):
+        s3.put_object(Bucket=b, Key=f"pre/docs/f{i}", Body=b"slow")
+    d = start(tmp_path, bucket, proxy)
+    try:
+        with connect(d) as c:
+            docs = c.lookup(FUSE_ROOT_ID, b"docs")
+            proxy.delay = 1.5  # every answer takes longer than the 1 s the listing is kept
+            expire_listings()
+            n = proxy.requests
+            for i in range(3):
+                assert c.lookup(docs.nodeid, f"f{i}".encode()).attr.size == 4
+            # kept from when it arrived: not stale on arrival, not listed again per name
+            listings = [x for x in proxy.log[n:] if "prefix=pre%2Fdocs%2F" in x]
+            assert len(listings) == 1, proxy.log[n:]
+    finally:
+        finish(d)
+
+
 def test_credentials_revoked_while_serving_answer_eacces(tmp_path):
     # moto checks keys against its IAM once its first 3 requests (these below) are done
     with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as url:
