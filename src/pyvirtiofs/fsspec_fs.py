@@ -221,6 +221,23 @@ class FsspecFs(PathFileSystem):
                 self._listings.pop(posixpath.dirname(p), None)
                 self._listings.pop(p, None)
 
+    def _cached_entry(self, path: str, info: dict | None) -> None:
+        """Change one name in its directory's cached listing (None: remove it) after this
+        daemon changed the store, rather than dropping the listing: writing 1,000 files into
+        a directory would otherwise list it again for every file.  Copied, not changed in
+        place: other threads may be iterating the old one."""
+        parent, name = posixpath.split(path)
+        with self._lock:
+            hit = self._listings.get(parent)
+            if hit is None:
+                return
+            names = dict(hit[1])
+            if info is None:
+                names.pop(name, None)
+            else:
+                names[name] = info
+            self._listings[parent] = (hit[0], names)
+
     def _info(self, path: str) -> dict | None:
         if path == "/":
             return {"type": "directory"}
@@ -307,8 +324,7 @@ class FsspecFs(PathFileSystem):
             raise FsError(errno.ENOENT)
         up = _Upload(self.spool_dir)
         with self._lock:
-            self._pending[path] = up
-        self._changed(path)
+            self._pending[path] = up  # _info and readdir see it there until it is uploaded
         return up
 
     def write(self, path: str, fh: Any, offset: int, data: bytes) -> int:
@@ -360,7 +376,8 @@ class FsspecFs(PathFileSystem):
                     raise
                 raise FsError(errno.EIO) from None  # a missing bucket too: the write failed
             up.dirty = False
-        self._changed(path)
+            self._cached_entry(path, {"name": self._key(path), "type": "file",
+                                      "size": up.size(), "mtime": time.time()})
 
     def flush(self, path: str, fh: Any) -> None:
         if isinstance(fh, _Upload):
@@ -389,7 +406,7 @@ class FsspecFs(PathFileSystem):
                     if u is fh:
                         del self._pending[p]
             fh.spool.close()
-            if path is not None:
+            if path is not None and fh.dirty:  # not uploaded: what the store has is unknown
                 self._changed(path)
 
     # -- names ------------------------------------------------------------------------------
@@ -422,10 +439,10 @@ class FsspecFs(PathFileSystem):
             with _store("deleting %s", path):
                 self.fs.rm_file(self._key(path))
         except FsError as e:
+            self._changed(path)
             if e.errno != errno.ENOENT or up is None:
                 raise
-        finally:
-            self._changed(path)
+        self._cached_entry(path, None)
 
     def rmdir(self, path: str) -> None:
         if not self._is_dir(path):

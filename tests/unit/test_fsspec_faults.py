@@ -188,6 +188,33 @@ def test_a_slow_store_is_served_and_listed_once_for_many_lookups(tmp_path, bucke
         finish(d)
 
 
+def test_writing_many_files_into_one_directory_does_not_list_it_for_each(
+        tmp_path, bucket, proxy):
+    s3, b = bucket
+    d = start(tmp_path, bucket, proxy)
+    try:
+        with connect(d) as c:
+            docs = c.lookup(FUSE_ROOT_ID, b"docs")
+            n = proxy.requests
+            for i in range(6):
+                name = f"w{i}".encode()
+                assert err(c.lookup, docs.nodeid, name) == errno.ENOENT  # as a guest's open
+                e, o = c.create(docs.nodeid, name)
+                c.write(e.nodeid, o.fh, 0, b"%d" % i)
+                c.flush(e.nodeid, o.fh)
+                c.release(e.nodeid, o.fh)
+            # the upload puts the new name into the cached listing instead of dropping it
+            listings = [x for x in proxy.log[n:] if "prefix=pre%2Fdocs%2F" in x]
+            assert len(listings) <= 2, proxy.log[n:]  # the cache lasts 1 s
+            assert [c.lookup(docs.nodeid, b"w%d" % i).attr.size for i in range(6)] == [1] * 6
+            c.unlink(docs.nodeid, b"w0")
+            assert err(c.lookup, docs.nodeid, b"w0") == errno.ENOENT
+    finally:
+        finish(d)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=b, Prefix="pre/docs/")["Contents"]}
+    assert keys == {"pre/docs/a.txt"} | {f"pre/docs/w{i}" for i in range(1, 6)}
+
+
 def test_credentials_revoked_while_serving_answer_eacces(tmp_path):
     # moto checks keys against its IAM once its first 3 requests (these below) are done
     with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as url:
