@@ -9,6 +9,10 @@ The daemon, pyvirtiofsd, is :mod:`pyvirtiofs.cli` serving :class:`PassthroughFs`
 
 from typing import TYPE_CHECKING, Any
 
+from . import compiled as _compiled
+
+_compiled.choose()  # before any module of the request path is imported: compiled or source
+
 __version__ = "0.1.0"
 
 from .filesystem import (ROOT_INODE, Attr, Capabilities, Context, DirEntry, Entry, FileSystem,

@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 
-from . import __version__, options, sandbox, seccomp, serving, version_table
+from . import __version__, compiled, options, sandbox, seccomp, serving, version_table
 from .config import Config
 from .device import VirtioFsDevice
 from .fuse.server import TRACE
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyvirtiofsd: {e}", file=sys.stderr)
         return 2
     if config.version:
-        print(f"pyvirtiofsd {__version__}")
+        print(f"pyvirtiofsd {__version__}\nrequest path: {compiled.STATE}")
         return 0
     if config.print_capabilities:
         print(options.capabilities_json())
@@ -281,6 +281,7 @@ def _run(config: Config) -> int:
 
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # pending ones land here
+        log.info("pyvirtiofsd %s, request path %s", __version__, compiled.STATE)
         log.info("waiting for a vhost-user frontend on %s", config.socket_path or f"fd {config.fd}")
         conn, _ = listener.accept()
         listener.close()

@@ -43,7 +43,10 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
+
+if TYPE_CHECKING:
+    from .version_table import VersionTable
 
 ROOT_INODE = 1
 """The node id of the root directory; it is never forgotten."""
@@ -308,7 +311,7 @@ class FileSystem:
     #: A :class:`pyvirtiofs.version_table.VersionTable` the file system bumps on every metadata
     #: change, or None.  With one, guests may negotiate the version extension
     #: (docs/version-table.md) and the server calls :meth:`version_slot`.
-    version_table = None
+    version_table: VersionTable | None = None
 
     def version_slot(self, inode: int) -> int:
         """The version-table slot of an inode (only called when ``version_table`` is set)."""

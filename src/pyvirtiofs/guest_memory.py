@@ -25,7 +25,6 @@ import mmap
 import os
 from operator import add as _add
 from typing import Sequence
-from dataclasses import dataclass, field
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -34,14 +33,24 @@ class GuestMemoryError(Exception):
     """The guest named memory it does not have (a guest bug or a hostile guest)."""
 
 
-@dataclass(eq=False)
 class MemoryRegion:
-    guest_phys_addr: int
-    size: int
-    user_addr: int
-    mmap_offset: int
-    _map: mmap.mmap = field(repr=False)
-    view: memoryview = field(repr=False)
+    """One region of the memory table, mapped: ``view`` covers its ``size`` bytes."""
+
+    # (not a dataclass: mypyc cannot compile a dataclass with a memoryview field)
+    __slots__ = ("guest_phys_addr", "size", "user_addr", "mmap_offset", "_map", "view")
+
+    def __init__(self, guest_phys_addr: int, size: int, user_addr: int, mmap_offset: int,
+                 _map: mmap.mmap, view: memoryview):
+        self.guest_phys_addr = guest_phys_addr
+        self.size = size
+        self.user_addr = user_addr
+        self.mmap_offset = mmap_offset
+        self._map = _map
+        self.view = view
+
+    def __repr__(self) -> str:
+        return (f"MemoryRegion(guest_phys_addr={self.guest_phys_addr:#x}, size={self.size:#x}, "
+                f"user_addr={self.user_addr:#x}, mmap_offset={self.mmap_offset:#x})")
 
     @classmethod
     def from_fd(cls, fd: int, guest_phys_addr: int, size: int, user_addr: int,
@@ -159,7 +168,7 @@ class GuestMemory:
             base = r.guest_phys_addr
             limit = base + r.size
             view = r.view
-            out = []
+            out: list[memoryview] = []
             start = end = addrs[0]
             for addr, n in zip(addrs, lens):
                 if addr == end:
@@ -174,7 +183,7 @@ class GuestMemory:
                 if start >= base and end <= limit:
                     out.append(view[start - base:end - base])
                     return out, sum(lens)
-        out: list[memoryview] = []
+        out = []
         total = 0
         if r is None:  # no memory at all: only zero-length buffers are fine
             for addr, n in zip(addrs, lens):
@@ -288,17 +297,17 @@ class GuestMemory:
     def _spanning(self, r: MemoryRegion, off: int, n: int) -> list[memoryview]:
         """Views for a range that starts at off in r and continues into adjacent regions."""
         addr = r.guest_phys_addr + off
-        out = []
+        out: list[memoryview] = []
         while n:
             k = min(n, r.size - off)
             out.append(r.view[off:off + k])
             addr += k
             n -= k
             if n:
-                r = self._find(addr)
-                if r is None:
+                nxt = self._find(addr)
+                if nxt is None:
                     raise GuestMemoryError(f"guest range runs past guest memory at {addr:#x}")
-                off = 0
+                r, off = nxt, 0
         return out
 
     def user_to_guest(self, user_addr: int) -> int:

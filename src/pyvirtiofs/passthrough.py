@@ -191,7 +191,8 @@ class PassthroughFs(FileSystem):
         st = os.stat(fd)
         root = _Inode(ROOT_INODE, fd, (st.st_dev, st.st_ino), st.st_mode)
         self._root_mount_id = None
-        self._mount_fd = None  # open_by_handle_at wants a real (not O_PATH) fd on the mount
+        # open_by_handle_at wants a real (not O_PATH) fd on the mount
+        self._mount_fd: int | None = None
         if self.inode_file_handles != "never":
             self._mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -223,13 +224,15 @@ class PassthroughFs(FileSystem):
     def _bump(self, *keys) -> None:
         """After a metadata change has been made: bump the (st_dev, st_ino) keys given."""
         vt = self.version_table
+        if vt is None:
+            return
         for key in keys:
             if key is not None:
                 vt.bump_inode(*key)
 
     def _bump_node(self, nodeid: int) -> None:
         ino = self._inodes.get(nodeid)
-        if ino is not None:
+        if ino is not None and self.version_table is not None:
             self.version_table.bump_inode(*ino.key)
 
     def _key_at(self, parent: _Inode, name: bytes):
@@ -329,10 +332,16 @@ class PassthroughFs(FileSystem):
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         os.close(old)
 
+    def _mount_fd_for_handles(self) -> int:
+        fd = self._mount_fd
+        if fd is None:  # inodes get handles only when the mount fd was opened
+            raise FsError(errno.EIO, "file handle without a mount fd")
+        return fd
+
     def _reopen(self, ino: _Inode, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (never a path the guest could swap)."""
         if ino.file_handle is not None:
-            return linux.open_by_handle_at(self._mount_fd, ino.file_handle, flags)
+            return linux.open_by_handle_at(self._mount_fd_for_handles(), ino.file_handle, flags)
         return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     # -- file handles (--inode-file-handles) ------------------------------------------------
@@ -358,7 +367,8 @@ class PassthroughFs(FileSystem):
             fds = self._request_fds.fds = {}
         fd = fds.get(ino.nodeid)
         if fd is None:
-            fd = linux.open_by_handle_at(self._mount_fd, ino.file_handle, os.O_PATH | os.O_NOFOLLOW)
+            fd = linux.open_by_handle_at(self._mount_fd_for_handles(), ino.file_handle,
+                                         os.O_PATH | os.O_NOFOLLOW)
             fds[ino.nodeid] = fd
         return fd
 
@@ -570,7 +580,8 @@ class PassthroughFs(FileSystem):
         the reply carries no version, so its attributes need not be newer than one)."""
         entry = self._entry(parent, name)
         if self.version_table is not None:
-            self._bump(parent.key, (entry.attr.st_dev, entry.attr.st_ino))
+            st = entry.attr  # an os.stat_result here (or a MappedStat over one): has st_dev
+            self._bump(parent.key, (st.st_dev, st.st_ino))  # type: ignore[attr-defined]
         return entry
 
     # -- what new files get: a security label ----------------------------------------------
@@ -807,7 +818,8 @@ class PassthroughFs(FileSystem):
         fd = self._open_file(fh).fd
         (os.fdatasync if datasync else os.fsync)(fd)
 
-    fsyncdir = fsync
+    def fsyncdir(self, inode, fh, datasync):
+        self.fsync(inode, fh, datasync)  # (not an alias: mypyc cannot compile one)
 
     def opendir(self, inode, ctx):
         ino = self._inode(inode)

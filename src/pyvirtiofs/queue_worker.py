@@ -31,19 +31,19 @@ class QueueWorker:
         self._deferred = 0  # requests answered later, from other threads
         self._cond = threading.Condition()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self.chain_errors = 0
         self.served = 0  # requests taken off this ring (logged at stop: which queues worked)
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
         """Stop after the request in progress; returns when the thread has finished and no
         deferred reply can touch the ring any more."""
         os.eventfd_write(self._stop_fd, 1)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join()
         log.info("queue %d stopped after %d requests", self.vq.index, self.served)
         if self.cancel_pending is not None:
             self.cancel_pending(complete=self.complete)
@@ -64,6 +64,8 @@ class QueueWorker:
 
     def _run(self) -> None:
         vq = self.vq
+        if vq.kick_fd is None:  # started only once the frontend gave the kick eventfd
+            raise RuntimeError(f"queue {vq.index} started without a kick fd")
         poller = select.poll()
         poller.register(vq.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)

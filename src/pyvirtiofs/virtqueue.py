@@ -48,6 +48,7 @@ _DESC = struct.Struct("<QIHH")
 _DESC_ITER = _DESC.iter_unpack
 _DESC_UNPACK_FROM = _DESC.unpack_from
 _fence_lock = threading.Lock()
+_NO_RING = memoryview(b"")  # the ring views of a queue that is not configured
 
 
 def full_fence() -> None:
@@ -257,7 +258,8 @@ class DescriptorChain:
         return offset + n
 
 
-Reader = Writer = DescriptorChain
+Reader = DescriptorChain  # (two lines: a chained assignment is not a type alias to mypy)
+Writer = DescriptorChain
 
 
 class Virtqueue:
@@ -277,7 +279,7 @@ class Virtqueue:
         self.err_fd: int | None = None
         self.enabled = False
         self.broken = False
-        self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._desc = self._avail16 = self._used16 = self._used32 = _NO_RING
         self._avail_known = 0  # chains avail.idx showed that are not popped yet
         self._mask = 0
         self._used_event_i = self._avail_event_i = 0  # their 16-bit indices in the rings
@@ -286,7 +288,7 @@ class Virtqueue:
     # -- set-up ---------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._desc is not None
+        return self._desc is not _NO_RING
 
     def configure(self, memory: GuestMemory, desc_addr: int, avail_addr: int,
                   used_addr: int) -> None:
@@ -322,7 +324,7 @@ class Virtqueue:
             self.next_used = used
 
     def reset(self) -> None:
-        self._desc = self._avail16 = self._used16 = self._used32 = None
+        self._desc = self._avail16 = self._used16 = self._used32 = _NO_RING
         self.memory = None
         self.next_avail = self.next_used = 0
         self._avail_known = 0
@@ -374,25 +376,29 @@ class Virtqueue:
         place guest addresses are checked.  The descriptors are copied out of guest
         memory once (a table at a time for indirect tables), so the guest changing them
         meanwhile cannot make us see two versions."""
+        memory = self.memory
+        if memory is None:  # only a configured queue is walked
+            raise QueueBroken(f"queue {self.index}: no guest memory")
         ring = self._desc
         d = _DESC_UNPACK_FROM(ring, 16 * head)
-        table = None  # the indirect table's descriptors, once we are in one
+        table: list | None = None  # the indirect table's descriptors, once we are in one
         count = self.size
-        addrs = None
+        addrs: Sequence[int] | None = None
         if d[2] == VIRTQ_DESC_F_INDIRECT:  # how Linux sends every request of 2+ buffers
             n = d[1] >> 4
             if not 0 < n <= MAX_QUEUE_SIZE or d[1] & 15:
                 raise ChainError(f"indirect table of {d[1]} bytes")
             try:
-                raw = self.memory.view(d[0], d[1])
+                raw = memory.view(d[0], d[1])
             except GuestMemoryError as e:
                 raise ChainError(str(e)) from None
             if n <= _SMALL_TABLE_MAX:
                 t = _SMALL_UNPACK[n](raw)  # the one read of the table
-                k = _SMALL_SHAPES.get(t[2::4])
-                if k is not None and t[3:-4:4] == _SMALL_LINKS[n]:
+                shape = _SMALL_SHAPES.get(t[2::4])
+                if shape is not None and t[3:-4:4] == _SMALL_LINKS[n]:
                     addrs = t[0::4]
                     lens = t[1::4]
+                    k = shape
                 else:
                     table = [t[i:i + 4] for i in range(0, 4 * n, 4)]
             else:
@@ -401,13 +407,13 @@ class Virtqueue:
                     addrs, lens, k = simple
                 else:
                     table = list(_DESC_ITER(raw))  # each descriptor read once, into a tuple
-            if addrs is None:
+            if table is not None:  # (set exactly when addrs is not)
                 count = len(table)
                 d = table[0]
         if addrs is None:
             addrs, lens, k = self._follow(d, table, count)
         try:
-            readable, rlen, writable, wlen = self.memory.gather_chain(addrs, lens, k)
+            readable, rlen, writable, wlen = memory.gather_chain(addrs, lens, k)
         except GuestMemoryError as e:
             raise ChainError(str(e)) from None
         return DescriptorChain(head, readable, writable, rlen, wlen)
@@ -453,6 +459,12 @@ class Virtqueue:
                 raise ChainError(f"next descriptor {nxt} outside its table of {count}")
             d = table[nxt] if table is not None else _DESC_UNPACK_FROM(ring, 16 * nxt)
 
+    def _guest_memory(self) -> GuestMemory:
+        memory = self.memory
+        if memory is None:  # only a configured queue is walked
+            raise QueueBroken(f"queue {self.index}: no guest memory")
+        return memory
+
     def _indirect_table(self, d: tuple) -> memoryview:
         """The indirect table descriptor d points to, checked (the caller copies it once)."""
         if d[2] & VIRTQ_DESC_F_NEXT:
@@ -461,7 +473,7 @@ class Virtqueue:
         if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
             raise ChainError(f"indirect table of {length} bytes")
         try:
-            return self.memory.view(d[0], length)
+            return self._guest_memory().view(d[0], length)
         except GuestMemoryError as e:
             raise ChainError(str(e)) from None
 

@@ -45,14 +45,22 @@ def test_fuzz_target_2000_inputs(fz_target):
 
 def test_fuzz_target_catches_a_reply_with_the_wrong_unique(fz_target, monkeypatch):
     fz, t = fz_target
-    real = t.server.serve_request
 
-    def wrong_unique(chain, *a):
-        n = real(chain, *a)
-        if n >= 16:
-            struct.pack_into("<Q", chain.writable[0], 8, 0xBAD)  # out header's unique
-        return n
-    monkeypatch.setattr(t.server, "serve_request", wrong_unique)
+    class WrongUnique:
+        """The server, but its replies carry another unique (a compiled FuseServer's methods
+        cannot be patched on the instance: the target gets this wrapper instead)."""
+        def __init__(self, server):
+            self.server = server
+
+        def serve_request(self, chain, *a):
+            n = self.server.serve_request(chain, *a)
+            if n >= 16:
+                struct.pack_into("<Q", chain.writable[0], 8, 0xBAD)  # out header's unique
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self.server, name)
+    monkeypatch.setattr(t, "server", WrongUnique(t.server))
     with pytest.raises(fz.Crash, match="unique"):
         fz.run_random(200, seed=1, t=t)
 

@@ -740,8 +740,11 @@ class FuseServer:
             raise
 
     def _version(self, inode: int) -> tuple[int, int]:
+        table = self.fs.version_table
+        if table is None:  # the extension is negotiated only when the file system has one
+            raise FsError(errno.ENOSYS)
         slot = self.fs.version_slot(inode)
-        return slot, self.fs.version_table.version(slot)
+        return slot, table.version(slot)
 
     def _op_forget(self, req, r, w):
         (n,) = abi.FORGET_IN.unpack(r.read(8))
