@@ -24,7 +24,13 @@ import os
 import sys
 import zlib
 from importlib.machinery import ModuleSpec
-from typing import Sequence
+from typing import Any, Sequence
+
+try:  # mypyc reads this decorator; where mypy is not installed it does nothing
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover - the test environment has mypy
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 MODULES = (
     "pyvirtiofs.guest_memory",

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from . import linux, locks
 from .cache import CachePolicy
+from .compiled import mypyc_attr
 from .idmap import IdMap, MappedStat
 from .xattrmap import XattrMap
 from .filesystem import (ROOT_INODE, Capabilities, Context, DirEntry, Entry, FileSystem, FsError,
@@ -116,6 +117,7 @@ class _Listing:
 
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a public class: users may subclass it
 class PassthroughFs(FileSystem):
     """The host directory ``root``, served as it is (what pyvirtiofsd serves): confined to
     ``root`` (see the module documentation), thread-safe, and usable inside another program

@@ -4,6 +4,7 @@ and the examples' line counts as they are."""
 
 import inspect
 import re
+import types
 from pathlib import Path
 
 import pyvirtiofs
@@ -30,7 +31,11 @@ def public_members(cls: type) -> list[str]:
     for klass in cls.__mro__:
         if klass is object or not klass.__module__.startswith("pyvirtiofs"):
             continue
-        for attr in vars(klass):
+        for attr, value in vars(klass).items():
+            # (a class compiled with mypyc holds its instance attributes as getset
+            # descriptors: those are not class-level API, as in the pure Python class)
+            if isinstance(value, types.GetSetDescriptorType):
+                continue
             if not attr.startswith("_") and attr not in names:
                 names.append(attr)
     return names

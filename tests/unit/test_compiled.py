@@ -96,3 +96,25 @@ def test_an_edited_source_is_not_shadowed_by_its_old_compiled_module(tmp_path):
                           "print(v.EDITED_AFTER_BUILD)"], env=env_with(tree),
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert out.stdout == "True\n", out
+
+
+def test_a_user_subclass_of_passthroughfs_overrides_what_the_compiled_class_calls(tmp_path):
+    """PassthroughFs is public and compiled: a Python subclass of it works, and the compiled
+    methods call the subclass's overrides (fsyncdir calls fsync)."""
+    code = """if True:
+        import os, sys
+        from pyvirtiofs import PassthroughFs, compiled
+        calls = []
+        class Counting(PassthroughFs):
+            def fsync(self, inode, fh, datasync):
+                calls.append((inode, fh, datasync))
+                super().fsync(inode, fh, datasync)
+        fs = Counting(sys.argv[1])
+        fh = fs.opendir(1, None).fh
+        fs.fsyncdir(1, fh, True)
+        fs.releasedir(1, fh)
+        print(compiled.running_compiled("pyvirtiofs.passthrough"), calls == [(1, fh, True)])
+    """
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env_with(),
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.stdout == "True True\n", out
