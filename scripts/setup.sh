@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx cpio || need+=(busybox-static)
+# (grep reads the whole list: with -q it would stop early, busybox would die of SIGPIPE and
+# pipefail would call the check failed, reinstalling busybox-static on every run)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x cpio >/dev/null || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v zstd >/dev/null || need+=(zstd)   # the Linux 6.12 guest kernel is zstd-compressed
 # virtme-ng (a real client, tests/e2e/test_virtme_ng.py) needs depmod and udevadm
