@@ -23,7 +23,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from .. import dax as _dax
 from ..filesystem import Context, Entry, FileSystem, FsError, OpenResult, SetattrRequest
@@ -150,7 +150,9 @@ def encode_open(o: OpenResult) -> bytes:
 # The hot replies pack an os.stat_result's fields in the packing call itself: no tuple of
 # fields in between, whole seconds from the result's integer fields [7:10] (what
 # _attr_fields computes with divmod).  Any other attribute object goes through _attr_fields.
-_STAT_RESULT = os.stat_result
+# (typed Any so that mypy/mypyc do not narrow ``a`` to os.stat_result, whose stubs call the
+# integer seconds at [7:10] floats)
+_STAT_RESULT: Any = os.stat_result
 
 
 def pack_attr_out(buf, offset: int, a, timeout: float, attr_flags: int = 0) -> None:
@@ -170,7 +172,7 @@ def pack_entry(buf, offset: int, e: Entry, attr_flags: int = 0) -> None:
     """fuse_entry_out for ``e`` packed into buf at offset (no bytes object in between)."""
     es, ens = _timeout(e.entry_timeout)
     as_, ans = _timeout(e.attr_timeout)
-    a = e.attr
+    a: Any = e.attr  # an os.stat_result (the fast path) or any StatResult
     if e.submount:
         attr_flags |= abi.ATTR_SUBMOUNT
     if type(a) is _STAT_RESULT:
@@ -580,7 +582,7 @@ class FuseServer:
         return abi.OUT_HEADER.size
 
     @staticmethod
-    def _reply(w: Writer, data: bytes) -> int:
+    def _reply(w: Writer, data: bytes | bytearray | memoryview) -> int:
         try:
             w.write_at(16, data)
         except EOFError:
