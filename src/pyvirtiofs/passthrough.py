@@ -182,7 +182,7 @@ class PassthroughFs(FileSystem):
         self._lock = threading.Lock()
         self._cwd_lock = threading.Lock()  # the working directory is process-wide
         self._inodes: dict[int, _Inode] = {}
-        self._by_key: dict[tuple[int, int], _Inode] = {}
+        self._by_key: dict[tuple[int, ...], _Inode] = {}  # (st_dev, st_ino)
         self._open_files: dict[int, _OpenFile] = {}
         self._next_nodeid = ROOT_INODE + 1
         self._next_fh = 1
@@ -278,7 +278,9 @@ class PassthroughFs(FileSystem):
         except BaseException:
             os.close(fd)
             raise
-        key = (st.st_dev, st.st_ino)
+        # tuple[int, ...]: one tuple object for the inode and the _by_key dict (compiled,
+        # a tuple[int, int] would be unboxed and boxed again for each: 120 bytes an inode)
+        key: tuple[int, ...] = (st.st_dev, st.st_ino)
         file_handle = None
         if self.inode_file_handles != "never" and key not in self._by_key:
             file_handle = self._file_handle_of(fd)
