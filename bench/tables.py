@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The README's benchmark tables, rendered from the committed results files.
 
-    python3 bench/tables.py                   # rewrite both README blocks from bench/results/
+    python3 bench/tables.py                   # rewrite every README block from bench/results/
     python3 bench/tables.py daemon --check    # exit 1 if the README's block is not the rendering
 
 Each table lives in README.md between ``<!-- bench:NAME:begin ...-->`` and
@@ -325,7 +325,13 @@ def render_guest(res: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"daemon": render_daemon, "guest": render_guest}
+def render_objstore(res: dict) -> str:
+    import objstore_bench  # the object-storage benchmark renders its own table
+    return objstore_bench.render(res)
+
+
+RENDER = {"daemon": render_daemon, "guest": render_guest, "objstore": render_objstore}
+ALL_TABLES = TABLES + ("objstore",)  # TABLES: the daemon comparisons (settings recorded)
 
 
 def load(name: str, results_dir: Path = RESULTS) -> dict:
@@ -372,21 +378,21 @@ def write_block(text: str, name: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("tables", nargs="*", metavar="{daemon,guest}",
-                    help="which blocks (default: both)")
+    ap.add_argument("tables", nargs="*", metavar="{daemon,guest,objstore}",
+                    help="which blocks (default: all)")
     ap.add_argument("--readme", default=str(README))
     ap.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--check", action="store_true",
                     help="change nothing; exit 1 if a block differs from its rendering")
     a = ap.parse_args(argv)
     for name in a.tables:
-        if name not in TABLES:
-            ap.error(f"unknown table {name!r}: one of {', '.join(TABLES)}")
+        if name not in ALL_TABLES:
+            ap.error(f"unknown table {name!r}: one of {', '.join(ALL_TABLES)}")
     path = Path(a.readme)
     text = path.read_text()
     new = text
     stale = []
-    for name in a.tables or TABLES:
+    for name in a.tables or ALL_TABLES:
         body = render(name, Path(a.results))
         if readme_block(new, name) != body:
             stale.append(name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -128,6 +129,46 @@ def test_check_mode_catches_a_hand_edited_figure(tmp_path):
     assert tables.main(["--check", "--readme", str(copy_)]) == 1
     assert tables.main(["--readme", str(copy_)]) == 0          # re-render repairs it
     assert copy_.read_text() == readme
+
+
+# ---- the object-storage benchmark (bench/objstore_bench.py) ------------------------------
+
+def test_objstore_block_is_the_rendering_of_the_committed_results():
+    block = tables.readme_block((REPO / "README.md").read_text(), "objstore")
+    assert block == tables.render("objstore"), (
+        "README.md's bench:objstore block is not what bench/objstore_bench.py renders from "
+        "bench/results/objstore.json; run `.venv/bin/python bench/objstore_bench.py "
+        "--render-only` (never edit the block by hand)")
+
+
+def test_objstore_results_are_medians_of_three_rounds_with_the_load_recorded():
+    res = tables.load("objstore")
+    m = res["meta"]
+    assert m["rounds"] >= 3 and len(res["rounds"]) == m["rounds"]
+    assert {"pyv", "s3fs"} <= set(m["clients"])
+    assert "load average" in m["uptime_before"] and "load average" in m["uptime_after"]
+    assert m["big_mib"] == 1024 and m["files"] == 1000  # what the issue asks for
+    for w, row in res["summary"].items():
+        for c in m["clients"]:
+            values = [rd[c][w] for rd in res["rounds"]]
+            assert row[c]["values"] == values
+            assert row[c]["median"] == statistics.median(values)
+    block = tables.readme_block((REPO / "README.md").read_text(), "objstore")
+    assert f"Median of {m['rounds']} rounds" in block
+    assert m["uptime_before"].split("load average: ")[-1] in block
+
+
+def test_objstore_check_mode_catches_a_hand_edited_figure(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    copy_ = tmp_path / "README.md"
+    copy_.write_text(readme)
+    assert tables.main(["objstore", "--check", "--readme", str(copy_)]) == 0
+    row = next(line for line in tables.readme_block(readme, "objstore").splitlines()
+               if line.startswith("| sequential read"))
+    cells = row.split(" | ")
+    cells[2] = "999.9"
+    copy_.write_text(readme.replace(row, " | ".join(cells)))
+    assert tables.main(["objstore", "--check", "--readme", str(copy_)]) == 1
 
 
 # ---- the benchmark code passes the same settings to every daemon -------------------------
