@@ -12,6 +12,15 @@ source edited after an editable install compiled it in place), or with ``PYVIRTI
 in the environment, the ``.py`` files are imported instead.  :data:`STATE` says which path
 runs and why (``pyvirtiofsd --version`` prints it, the daemon logs it).
 
+What mypyc asks of the listed modules (it type-checks them, and checks annotations at run
+time): attributes that may be None annotated and narrowed before use; annotations that hold
+(a memoryview or bytearray is not ``bytes``: ``strict_bytes`` in pyproject.toml); no method
+aliases in a class body (``b = a``), no dataclass with a memoryview field, no attribute named
+``_thread`` (its C name is a keyword); instances of compiled classes cannot be monkeypatched,
+and a public class that users subclass needs ``@mypyc_attr(allow_interpreted_subclasses=True)``.
+A ``tuple[int, int]`` is unboxed: one stored in two places becomes two objects (annotate
+``tuple[int, ...]`` to keep one).  ``bash scripts/setup.sh`` compiles after an edit.
+
 Run as a script (``python src/pyvirtiofs/compiled.py``) it prints the state without importing
 the package, and exits 1 unless a compiled build matches the sources (scripts/setup.sh uses
 that to rebuild).  Nothing here is compiled itself.
