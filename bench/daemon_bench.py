@@ -1338,6 +1338,7 @@ def main(argv=None) -> int:
     rounds: dict = {k: [] for k in kinds}
     loadavg_start = os.getloadavg()
     commit = tables.git_commit(REPO)     # the code that runs, before anything can change it
+    build = tables.pyvirtiofs_build() if "py" in kinds else None
     t0 = time.monotonic()
     try:
         for rnd in range(cfg.repeat):
@@ -1351,7 +1352,7 @@ def main(argv=None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
         "commit": commit, "cpu_model": tables.cpu_model(),
-        "settings": cfg.settings.record(),
+        "settings": cfg.settings.record(), "pyvirtiofs_build": build,
         "kernel": platform.release(), "python": platform.python_version(), "cpus": ncpu,
         "placement": cfg.placement, "cpus_used": cfg.cpus_used, "quick": q,
         "repeat": cfg.repeat, "duration_s": cfg.duration,

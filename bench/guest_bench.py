@@ -766,6 +766,7 @@ def main(argv=None) -> int:
             "fio": fio_version, "rust_virtiofsd": rust_version,
             "python_daemon": platform.python_version(), "repo_rev": git_rev,
             "settings": settings.record(), "commit": commit,
+            "pyvirtiofs_build": tables.pyvirtiofs_build(),
             "ninep_mount": f"trans=virtio,version=9p2000.L,msize=512000,cache={a.ninep_cache}",
             "virtiofs_cache": "auto", "quick": a.quick, "reps": reps, "order": order,
             "file_mib": file_mib, "files": nfiles, "rand_ios": rand_ios,

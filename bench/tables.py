@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,29 @@ def git_commit(repo: Path = REPO) -> str | None:
                         "--abbrev=12"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                        text=True)
     return r.stdout.strip() or None
+
+
+def pyvirtiofs_build(python: str = sys.executable) -> str | None:
+    """Which request path pyvirtiofsd runs (mypyc-compiled or pure Python), as the daemon's
+    own ``--version`` says it: the same interpreter and source tree the benchmark starts."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO / "src"), env.get("PYTHONPATH")) if x)
+    try:
+        out = subprocess.run([python, "-m", "pyvirtiofs", "--version"], capture_output=True,
+                             text=True, timeout=60, env=env).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("request path:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def build_text(m: dict) -> str:
+    """The sentence saying which pyvirtiofsd build a run measured."""
+    b = m.get("pyvirtiofs_build")
+    return (f" pyvirtiofsd's request path: {b}." if b
+            else " Which pyvirtiofsd build ran (compiled or pure Python) was not recorded.")
 
 
 def cpu_model() -> str | None:
@@ -218,7 +242,7 @@ def render_daemon(res: dict) -> str:
         f"Other work on that CPU during the workloads: up to {max(load):.2f} CPUs "
         f"(mean {statistics.mean(load):.2f}); load average "
         + (f"{m['loadavg_start'][0]:.1f} before, " if m.get("loadavg_start") else "")
-        + f"{m['loadavg_end'][0]:.1f} after.",
+        + f"{m['loadavg_end'][0]:.1f} after." + build_text(m),
         "",
     ]
     lines += settings_section(daemon_entries(res))
@@ -290,7 +314,7 @@ def render_guest(res: dict) -> str:
         f"nothing pinned. Median of {m['reps']} repetitions with the share order rotated"
         f"{' (`--quick`: smaller files and counts)' if m.get('quick') else ''}. "
         f"Other processes used {hl.get('foreign_cpu_cores_mean', 0):.2f} cores on average "
-        f"(at most {hl.get('foreign_cpu_cores_max', 0):.2f}) during the run.",
+        f"(at most {hl.get('foreign_cpu_cores_max', 0):.2f}) during the run." + build_text(m),
         "",
     ]
     entries = {s: (GUEST_KIND[s], logs[s]) for s in shares if s in logs}
